@@ -1,0 +1,1 @@
+"""The `f2m-ray` command line (installed as the package ``f2m_ray_cli``)."""

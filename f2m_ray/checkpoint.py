@@ -1,0 +1,222 @@
+"""The checkpoint format: a directory that describes itself.
+
+    CKPT/
+      f2m_checkpoint.json   format version, tool version, preset (model/loss/train config),
+                            BI-RADS vocabulary, epoch, step, model id, extra run info
+      model.pt              {"generator", "d_margin", "d_shape"}: state dicts (tensors only)
+      optim.pt              {"generator", "discriminators"}: optimizer state dicts
+
+Loading never executes code: ``torch.load(weights_only=True)`` on plain tensor dicts,
+configuration from JSON. A checkpoint of another format version or vocabulary is refused
+with a message that says why. `CKPT` may be local or ``s3://``; a run folder holding
+several ``checkpoint_*`` directories resolves to its latest one.
+
+The model id is a hash of the generator's weights: it names what produced a dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from f2m_ray import __version__
+from f2m_ray.config import Preset
+from f2m_ray.errors import F2MError
+from f2m_ray.labels import check_vocabulary, vocabulary
+from f2m_ray.networks import Discriminator, Generator, build_networks
+from f2m_ray.storage import filesystem, join
+
+FORMAT = "f2m-ray-checkpoint"
+FORMAT_VERSION = 1
+META_FILE = "f2m_checkpoint.json"
+MODEL_FILE = "model.pt"
+OPTIM_FILE = "optim.pt"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its metadata, config and state dicts."""
+
+    path: str
+    preset: Preset
+    epoch: int
+    step: int
+    model_id: str
+    model_state: dict[str, dict[str, torch.Tensor]]
+    optim_state: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def generator(self, device: str | torch.device = "cpu") -> Generator:
+        """The generator with its weights, in eval mode."""
+        net = Generator(self.preset.model)
+        _load_state(net, self.model_state["generator"], self.path)
+        return net.to(device).eval()
+
+    def networks(self) -> tuple[Generator, Discriminator, Discriminator]:
+        """G, D1, D2 with their weights (train mode), e.g. to resume training."""
+        nets = build_networks(self.preset.model)
+        for net, key in zip(nets, ("generator", "d_margin", "d_shape")):
+            _load_state(net, self.model_state[key], self.path)
+        return nets
+
+
+def model_id(generator_state: dict[str, torch.Tensor]) -> str:
+    """A short hash of the generator's weights (what determines synthesized images)."""
+    digest = hashlib.sha256()
+    for name in sorted(generator_state):
+        tensor = generator_state[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _strip_ddp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module."): v.detach().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(
+    directory: str,
+    preset: Preset,
+    generator: torch.nn.Module,
+    d_margin: torch.nn.Module,
+    d_shape: torch.nn.Module,
+    epoch: int,
+    step: int,
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Write a checkpoint directory (local or s3://); the metadata file goes last."""
+    model_state = {
+        "generator": _strip_ddp(generator.state_dict()),
+        "d_margin": _strip_ddp(d_margin.state_dict()),
+        "d_shape": _strip_ddp(d_shape.state_dict()),
+    }
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "preset": preset.to_dict(),
+        "vocabulary": vocabulary(),
+        "epoch": int(epoch),
+        "step": int(step),
+        "model_id": model_id(model_state["generator"]),
+        "extra": extra or {},
+    }
+    fs, root = filesystem(directory)
+    try:
+        fs.makedirs(root, exist_ok=True)
+        _write_torch(fs, join(root, MODEL_FILE), model_state)
+        if optimizers:
+            _write_torch(fs, join(root, OPTIM_FILE), {k: o.state_dict() for k, o in optimizers.items()})
+        with fs.open(join(root, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+    except OSError as err:
+        raise F2MError(f"cannot write checkpoint to {directory}: {err.strerror or err}") from None
+    return directory
+
+
+def _write_torch(fs, path: str, obj: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with fs.open(path, "wb") as f:
+        f.write(buffer.getvalue())
+
+
+def _read_torch(fs, path: str, what: str) -> Any:
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise F2MError(f"checkpoint is missing {what}: {path}") from None
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise F2MError(f"corrupt checkpoint {what} {path}: {type(err).__name__}") from None
+
+
+def _load_state(net: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    try:
+        net.load_state_dict(state)
+    except RuntimeError:
+        raise F2MError(f"checkpoint weights in {path} do not match its own model config") from None
+
+
+def find_checkpoint(path: str) -> str:
+    """`path` itself if it is a checkpoint, else its latest ``checkpoint_*`` sub-directory."""
+    fs, root = filesystem(path)
+    if fs.exists(join(root, META_FILE)):
+        return path
+    if not fs.exists(root):
+        raise F2MError(f"no checkpoint at {path}: the path does not exist")
+    if not fs.isdir(root):
+        raise F2MError(f"not an f2m-ray checkpoint: {path} is a file, expected a checkpoint directory")
+    candidates = []
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("checkpoint") and fs.exists(join(entry, META_FILE)):
+            candidates.append(entry)
+    if not candidates:
+        raise F2MError(f"not an f2m-ray checkpoint: no {META_FILE} in {path} or its checkpoint_* folders")
+    latest = max(candidates, key=lambda p: (_read_meta(fs, p)["epoch"], p))
+    return join(path, latest.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _read_meta(fs, root: str) -> dict[str, Any]:
+    meta_path = join(root, META_FILE)
+    try:
+        with fs.open(meta_path, "r") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise F2MError(f"not an f2m-ray checkpoint: no {META_FILE} in {root}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise F2MError(f"corrupt checkpoint metadata: {meta_path} is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise F2MError(f"not an f2m-ray checkpoint: {meta_path} has format {meta.get('format') if isinstance(meta, dict) else None!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise F2MError(
+            f"checkpoint format version {meta.get('format_version')} in {root} is not supported "
+            f"(this f2m-ray {__version__} reads version {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    """The checkpoint's JSON metadata (validated), without loading weights."""
+    path = find_checkpoint(path)
+    fs, root = filesystem(path)
+    meta = _read_meta(fs, root)
+    check_vocabulary(meta.get("vocabulary", {}), f"checkpoint {path}")
+    return meta
+
+
+def load_checkpoint(path: str, with_optimizer: bool = False) -> Checkpoint:
+    """Load a checkpoint (local or s3://); refuses foreign or corrupt ones with a clear message."""
+    path = find_checkpoint(path)
+    fs, root = filesystem(path)
+    meta = read_metadata(path)
+    try:
+        preset = Preset.from_dict(meta["preset"])
+    except (KeyError, TypeError) as err:
+        raise F2MError(f"corrupt checkpoint metadata in {path}: bad preset ({err})") from None
+    model_state = _read_torch(fs, join(root, MODEL_FILE), "model weights")
+    if not isinstance(model_state, dict) or set(model_state) != {"generator", "d_margin", "d_shape"}:
+        raise F2MError(f"corrupt checkpoint model weights in {path}: unexpected content")
+    optim_state = None
+    if with_optimizer and fs.exists(join(root, OPTIM_FILE)):
+        optim_state = _read_torch(fs, join(root, OPTIM_FILE), "optimizer state")
+    return Checkpoint(
+        path=path,
+        preset=preset,
+        epoch=int(meta["epoch"]),
+        step=int(meta["step"]),
+        model_id=str(meta["model_id"]),
+        model_state=model_state,
+        optim_state=optim_state,
+        extra=meta.get("extra", {}),
+    )
+

@@ -1,0 +1,71 @@
+"""The losses of eq. 3-5, pure PyTorch.
+
+Reading of the paper's notation. Eq. 3-5 write the label terms as
+``log(1 - (m - D^m(I)))``: with ``m`` a one-hot label and ``D^m`` a predicted
+distribution, the term grows as the prediction approaches the label, i.e. it is
+a label likelihood. We implement it as its standard form, the cross-entropy
+``CE(m, D^m(.))`` on label logits, which the paper's text describes ("decrease
+when D predicts the ground truth label more precisely"). The adversarial terms
+are the usual minimax BCE on real/fake logits, and G uses the non-saturating
+form (``BCE(D(I'), 1)``) since the paper's ``log D(I')`` term is to be maximised
+by G. All losses below are written to be minimised:
+
+    D_k: BCE(D_k(I), 1) + BCE(D_k(I'), 0) + lambda_k * (CE(y_k, D_k(I)) + CE(y_k, D_k(I')))   k = 1 margin, 2 shape
+    G:   BCE(D_1(I'), 1) + BCE(D_2(I'), 1) + lambda3 * (CE(m, D_1(I')) + CE(s, D_2(I'))) + lambda4 * L1(I, I')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from f2m_ray.config import LossConfig
+
+
+@dataclass
+class DiscriminatorOutputs:
+    """What one discriminator said about a real and a fake batch."""
+
+    real_logit: torch.Tensor  # (B,)
+    real_labels: torch.Tensor  # (B, n_classes)
+    fake_logit: torch.Tensor  # (B,)
+    fake_labels: torch.Tensor  # (B, n_classes)
+
+
+def _bce(logit: torch.Tensor, target: float) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logit.float(), torch.full_like(logit, target, dtype=torch.float32))
+
+
+def discriminator_loss(out: DiscriminatorOutputs, labels: torch.Tensor, label_weight: float) -> dict[str, torch.Tensor]:
+    """Eq. 3 (D1, label_weight = lambda1) or eq. 4 (D2, label_weight = lambda2), to minimise."""
+    # D: real -> 1, fake -> 0
+    adversarial = _bce(out.real_logit, 1.0) + _bce(out.fake_logit, 0.0)
+    # D: predict the true label on real and on fake (the paper's augmentation effect)
+    label_real = F.cross_entropy(out.real_labels.float(), labels)
+    label_fake = F.cross_entropy(out.fake_labels.float(), labels)
+    total = adversarial + label_weight * (label_real + label_fake)
+    return {"total": total, "adversarial": adversarial, "label_real": label_real, "label_fake": label_fake}
+
+
+def generator_loss(
+    margin_logit: torch.Tensor,
+    margin_labels_logits: torch.Tensor,
+    shape_logit: torch.Tensor,
+    shape_labels_logits: torch.Tensor,
+    margins: torch.Tensor,
+    shapes: torch.Tensor,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    cfg: LossConfig,
+) -> dict[str, torch.Tensor]:
+    """Eq. 5, to minimise: D1(I') and D2(I') on fake -> 1, labels kept, I' close to I."""
+    # G: fool both discriminators (non-saturating)
+    adversarial = _bce(margin_logit, 1.0) + _bce(shape_logit, 1.0)
+    # G: make I' show its margin and shape to D1 and D2
+    labels = F.cross_entropy(margin_labels_logits.float(), margins) + F.cross_entropy(shape_labels_logits.float(), shapes)
+    # G: stay close to the input (forms the manifold around real masses)
+    l1 = F.l1_loss(fake.float(), real.float())
+    total = adversarial + cfg.lambda_generator_labels * labels + cfg.lambda_l1 * l1
+    return {"total": total, "adversarial": adversarial, "labels": labels, "l1": l1}

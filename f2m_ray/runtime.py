@@ -1,0 +1,48 @@
+"""Starting or joining Ray: one place for the settings that make local Ray work.
+
+On a cluster (``RAY_ADDRESS`` set, or inside ``ray job submit``) we join it. Locally we
+start an embedded Ray with logical CPU oversubscription: Ray Data's operators and
+Ray Train's workers each hold a CPU slot, and with one slot per core a 2-core laptop
+deadlocks before the first batch. Torch threads are set per worker, so the real CPU
+use stays at the number of cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+LOCAL_CPU_SLOTS_MIN = 4  # logical CPU slots for embedded Ray, at least
+OBJECT_STORE_BYTES = 1 << 30  # 1 GiB: enough for blocks of 64x64 images, small for laptops
+
+
+def _quiet_defaults() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS, or start embedded local Ray with settings that work on 2 cores."""
+    _quiet_defaults()
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        return
+    slots = num_cpus or max(LOCAL_CPU_SLOTS_MIN, 2 * (os.cpu_count() or 1))
+    ray.init(
+        num_cpus=slots,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        object_store_memory=OBJECT_STORE_BYTES,
+        logging_level=logging.WARNING,
+    )
+
+
+def cluster_resources() -> dict[str, float]:
+    import ray
+
+    return dict(ray.cluster_resources())

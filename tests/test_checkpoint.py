@@ -1,0 +1,103 @@
+import json
+import os
+
+import pytest
+import torch
+
+from f2m_ray import checkpoint
+from f2m_ray.config import PRESETS
+from f2m_ray.errors import F2MError
+from f2m_ray.networks import build_networks
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    torch.manual_seed(0)
+    preset = PRESETS["tiny"]
+    nets = build_networks(preset.model)
+    opt = torch.optim.Adam(nets[0].parameters(), lr=1e-3)
+    nets[0](torch.zeros(2, 1, 64, 64), torch.tensor([0, 1]), torch.tensor([1, 2])).mean().backward()
+    opt.step()
+    run = tmp_path / "run"
+    for epoch in (1, 3, 2):
+        checkpoint.save_checkpoint(str(run / f"checkpoint_{epoch:06d}"), preset, *nets, epoch=epoch, step=10 * epoch,
+                                   optimizers={"generator": opt})
+    return run, nets
+
+
+def test_round_trip(saved):
+    run, (g, _, _) = saved
+    ckpt = checkpoint.load_checkpoint(str(run / "checkpoint_000002"), with_optimizer=True)
+    assert (ckpt.epoch, ckpt.step, ckpt.preset.name) == (2, 20, "tiny")
+    assert ckpt.optim_state["generator"]["state"]  # Adam moments were saved
+    loaded = ckpt.generator()
+    v = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(v), g.eval().decode(v))
+    assert ckpt.model_id == checkpoint.model_id(g.state_dict()) and len(ckpt.model_id) == 16
+
+
+def test_run_folder_resolves_to_latest(saved):
+    run, _ = saved
+    assert checkpoint.find_checkpoint(str(run)).endswith("checkpoint_000003")
+    assert checkpoint.load_checkpoint(str(run)).epoch == 3
+
+
+def test_weights_are_plain_tensors(saved):
+    run, _ = saved
+    state = torch.load(run / "checkpoint_000001" / "model.pt", weights_only=True)
+    assert set(state) == {"generator", "d_margin", "d_shape"}
+    meta = json.loads((run / "checkpoint_000001" / "f2m_checkpoint.json").read_text())
+    assert meta["vocabulary"]["margins"][4] == "spiculated"
+
+
+def _meta_path(run):
+    return run / "checkpoint_000001" / "f2m_checkpoint.json"
+
+
+def test_foreign_vocabulary_refused(saved):
+    run, _ = saved
+    meta = json.loads(_meta_path(run).read_text())
+    meta["vocabulary"]["shapes"] = ["round", "oval"]
+    _meta_path(run).write_text(json.dumps(meta))
+    with pytest.raises(F2MError, match="another BI-RADS vocabulary"):
+        checkpoint.load_checkpoint(str(run / "checkpoint_000001"))
+
+
+def test_other_format_version_refused(saved):
+    run, _ = saved
+    meta = json.loads(_meta_path(run).read_text())
+    meta["format_version"] = 99
+    _meta_path(run).write_text(json.dumps(meta))
+    with pytest.raises(F2MError, match="format version 99"):
+        checkpoint.load_checkpoint(str(run / "checkpoint_000001"))
+
+
+def test_corrupt_files_refused(saved, tmp_path):
+    run, _ = saved
+    weights = run / "checkpoint_000002" / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(F2MError, match="corrupt checkpoint model weights"):
+        checkpoint.load_checkpoint(str(run / "checkpoint_000002"))
+    (run / "checkpoint_000003" / "f2m_checkpoint.json").write_text("{not json")
+    with pytest.raises(F2MError, match="not valid JSON"):
+        checkpoint.load_checkpoint(str(run / "checkpoint_000003"))
+    empty = tmp_path / "empty"
+    os.mkdir(empty)
+    with pytest.raises(F2MError, match="not an f2m-ray checkpoint"):
+        checkpoint.load_checkpoint(str(empty))
+    with pytest.raises(F2MError, match="does not exist"):
+        checkpoint.load_checkpoint(str(tmp_path / "missing"))
+
+
+def test_pickled_object_is_not_executed(saved, tmp_path):
+    run, _ = saved
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"generator": Evil(), "d_margin": {}, "d_shape": {}}, run / "checkpoint_000001" / "model.pt")
+    with pytest.raises(F2MError, match="corrupt checkpoint"):
+        checkpoint.load_checkpoint(str(run / "checkpoint_000001"))
+    assert not (tmp_path / "pwned").exists()

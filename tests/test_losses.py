@@ -1,0 +1,77 @@
+import torch
+
+from f2m_ray.config import PRESETS
+from f2m_ray.losses import DiscriminatorOutputs, discriminator_loss, generator_loss
+from f2m_ray.networks import build_networks
+
+
+def _toy(b=8, seed=0):
+    """Bright discs of random centre and radius on a dark background, in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    centre = 20 + 24 * torch.rand(b, 2, generator=g)
+    radius = 6 + 10 * torch.rand(b, generator=g)
+    dist = ((yy - centre[:, 0, None, None]) ** 2 + (xx - centre[:, 1, None, None]) ** 2).sqrt()
+    images = (torch.sigmoid(radius[:, None, None] - dist) * 1.6 - 0.8)[:, None]  # (B, 1, 64, 64)
+    margins = torch.randint(0, 5, (b,), generator=g)
+    shapes = torch.randint(0, 5, (b,), generator=g)
+    return images, margins, shapes
+
+
+def _step_losses(nets, images, margins, shapes, loss_cfg):
+    g, d1, d2 = nets
+    fake = g(images, margins, shapes)
+    outs = []
+    for d, labels, w in ((d1, margins, loss_cfg.lambda_margin), (d2, shapes, loss_cfg.lambda_shape)):
+        rl, rc = d(images)
+        fl, fc = d(fake.detach())
+        outs.append(discriminator_loss(DiscriminatorOutputs(rl, rc, fl, fc), labels, w))
+    m_rf, m_lab = d1(fake)
+    s_rf, s_lab = d2(fake)
+    gl = generator_loss(m_rf, m_lab, s_rf, s_lab, margins, shapes, images, fake, loss_cfg)
+    return outs, gl
+
+
+def test_losses_finite_and_positive():
+    preset = PRESETS["tiny"]
+    nets = build_networks(preset.model)
+    (d1_loss, d2_loss), g_loss = _step_losses(nets, *_toy(), preset.loss)
+    for parts in (d1_loss, d2_loss, g_loss):
+        for name, value in parts.items():
+            assert torch.isfinite(value), name
+            assert value.item() > 0, name  # BCE, CE and L1 are all > 0 on a random net
+    # The total is the weighted sum of its parts.
+    expected = g_loss["adversarial"] + 10 * g_loss["labels"] + 300 * g_loss["l1"]
+    torch.testing.assert_close(g_loss["total"], expected)
+
+
+def test_perfect_discriminator_has_low_loss():
+    labels = torch.tensor([0, 1, 2])
+    confident = torch.full((3, 5), -20.0)
+    confident[torch.arange(3), labels] = 20.0
+    good = DiscriminatorOutputs(torch.full((3,), 20.0), confident, torch.full((3,), -20.0), confident)
+    bad = DiscriminatorOutputs(torch.full((3,), -20.0), -confident, torch.full((3,), 20.0), -confident)
+    assert discriminator_loss(good, labels, 10.0)["total"].item() < 1e-6
+    assert discriminator_loss(bad, labels, 10.0)["total"].item() > 100
+
+
+def test_few_tiny_steps_lower_l1():
+    torch.manual_seed(0)
+    preset = PRESETS["tiny"]
+    nets = build_networks(preset.model)
+    g, d1, d2 = nets
+    images, margins, shapes = _toy(16)
+    opt_g = torch.optim.Adam(g.parameters(), lr=2e-3)
+    opt_d = torch.optim.Adam(list(d1.parameters()) + list(d2.parameters()), lr=2e-4)
+    l1_values = []
+    for _ in range(30):
+        (dl1, dl2), gl = _step_losses(nets, images, margins, shapes, preset.loss)
+        opt_d.zero_grad()
+        (dl1["total"] + dl2["total"]).backward()
+        opt_d.step()
+        _, gl = _step_losses(nets, images, margins, shapes, preset.loss)
+        opt_g.zero_grad()
+        gl["total"].backward()
+        opt_g.step()
+        l1_values.append(gl["l1"].item())
+    assert sum(l1_values[-5:]) / 5 < 0.7 * sum(l1_values[:5]) / 5

@@ -1,0 +1,96 @@
+from collections import Counter
+from math import comb
+
+import numpy as np
+import pytest
+
+from f2m_ray import mixing
+from f2m_ray.errors import F2MError
+
+
+def _draws(n=10_000, k=20, step=0.05, alpha=1.0, seed=3):
+    return np.stack([mixing.quantized_dirichlet(mixing.sample_rng(seed, 1, i), k, step, alpha) for i in range(n)])
+
+
+def test_weights_sum_to_one_on_the_grid():
+    w = _draws()
+    assert w.shape == (10_000, 20)
+    assert np.all(np.abs(w.sum(axis=1) - 1.0) < 1e-9)
+    assert np.all(w >= 0)
+    units = w / 0.05
+    assert np.all(np.abs(units - np.round(units)) < 1e-9)
+
+
+def test_uniform_over_compositions_small_case():
+    # K = 3 weights in quarters: C(4 + 2, 2) = 15 compositions, each with p = 1/15.
+    w = _draws(n=15_000, k=3, step=0.25)
+    counts = Counter(tuple(np.round(row * 4).astype(int)) for row in w)
+    assert len(counts) == 15
+    expected = 15_000 / 15
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi2 < 36.1  # chi-square, 14 dof, p = 0.001
+
+
+def test_marginal_matches_uniform_compositions_k20():
+    # Under uniform compositions of U = 20 into K = 20 parts, P(first part = c) = C(U - c + K - 2, K - 2) / C(U + K - 1, K - 1).
+    w = _draws()
+    first = np.round(w[:, 0] * 20).astype(int)
+    total = comb(20 + 19, 19)
+    for c in (0, 1, 2):
+        p = comb(20 - c + 18, 18) / total
+        observed = np.mean(first == c)
+        assert abs(observed - p) < 4 * np.sqrt(p * (1 - p) / len(first)), (c, observed, p)
+
+
+def test_concentration_changes_spread():
+    flat = _draws(n=2000, alpha=1.0)
+    even = _draws(n=2000, alpha=50.0)
+    sparse = _draws(n=2000, alpha=0.1)
+    assert (even > 0).sum(axis=1).mean() > (flat > 0).sum(axis=1).mean() > (sparse > 0).sum(axis=1).mean()
+
+
+def test_plan_is_a_pure_function_of_seed_category_index():
+    a = mixing.plan_sample(7, 3, 123, pool_size=104)
+    b = mixing.plan_sample(7, 3, 123, pool_size=104)
+    np.testing.assert_array_equal(a.seed_positions, b.seed_positions)
+    np.testing.assert_array_equal(a.weights, b.weights)
+    assert len(set(a.seed_positions.tolist())) == 20
+    assert np.all(np.diff(a.weights) <= 0)  # largest weight first
+    others = [mixing.plan_sample(7, 3, 124, 104), mixing.plan_sample(8, 3, 123, 104), mixing.plan_sample(7, 4, 123, 104)]
+    for other in others:
+        assert not np.array_equal(a.seed_positions, other.seed_positions)
+
+
+def test_small_pool_uses_all_seeds_and_tiny_pool_refused():
+    plan = mixing.plan_sample(0, 0, 0, pool_size=5, k=20)
+    assert sorted(plan.seed_positions.tolist()) == [0, 1, 2, 3, 4]
+    with pytest.raises(F2MError, match="pool has 1"):
+        mixing.plan_sample(0, 0, 0, pool_size=1)
+
+
+def test_mix_is_convex_combination():
+    features = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    np.testing.assert_allclose(mixing.mix(features, [0.5, 0.25, 0.25]), [1.0, 0.75])
+    np.testing.assert_allclose(mixing.mix(features, [[1, 0, 0], [0, 0, 1]]), [[1, 0], [2, 2]])
+    with pytest.raises(F2MError, match="sum to 1"):
+        mixing.mix(features, [0.5, 0.5, 0.5])
+
+
+def test_line_and_barycentric_grids():
+    line = mixing.line_weights(10)
+    assert line.shape == (10, 2)
+    np.testing.assert_allclose(line[0], [1, 0])
+    np.testing.assert_allclose(line[-1], [0, 1])
+    np.testing.assert_allclose(np.diff(line[:, 1]), 1 / 9)  # equidistant
+    tri = mixing.barycentric_grid(5)
+    assert tri.shape == (15, 3)
+    np.testing.assert_allclose(tri.sum(axis=1), 1.0)
+    for corner in np.eye(3):
+        assert any(np.allclose(row, corner) for row in tri)
+    assert len({tuple(np.round(r, 9)) for r in tri}) == 15
+
+
+@pytest.mark.parametrize("step", [0.0, 0.3, 1.5])
+def test_bad_step_refused(step):
+    with pytest.raises(F2MError):
+        mixing.grid_units(step)
