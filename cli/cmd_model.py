@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from f2m_ray.checkpoint import find_checkpoint, read_metadata
 from f2m_ray_cli.main import cli
 
 
@@ -12,6 +11,8 @@ from f2m_ray_cli.main import cli
 @click.argument("checkpoint")
 def model_info(checkpoint: str) -> None:
     """Print a checkpoint's preset, epoch, step and model id (local path or s3://)."""
+    from f2m_ray.checkpoint import find_checkpoint, read_metadata  # imports torch: only when used
+
     path = find_checkpoint(checkpoint)
     meta = read_metadata(path)
     model = meta["preset"]["model"]
