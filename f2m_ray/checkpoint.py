@@ -76,7 +76,8 @@ def model_id(generator_state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _strip_ddp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_ddp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict on the CPU without DDP's ``module.`` prefix (loads into a bare module)."""
     return {k.removeprefix("module."): v.detach().cpu() for k, v in state.items()}
 
 
@@ -93,9 +94,9 @@ def save_checkpoint(
 ) -> str:
     """Write a checkpoint directory (local or s3://); the metadata file goes last."""
     model_state = {
-        "generator": _strip_ddp(generator.state_dict()),
-        "d_margin": _strip_ddp(d_margin.state_dict()),
-        "d_shape": _strip_ddp(d_shape.state_dict()),
+        "generator": strip_ddp(generator.state_dict()),
+        "d_margin": strip_ddp(d_margin.state_dict()),
+        "d_shape": strip_ddp(d_shape.state_dict()),
     }
     meta = {
         "format": FORMAT,
@@ -111,9 +112,9 @@ def save_checkpoint(
     fs, root = filesystem(directory)
     try:
         fs.makedirs(root, exist_ok=True)
-        _write_torch(fs, join(root, MODEL_FILE), model_state)
+        write_torch(fs, join(root, MODEL_FILE), model_state)
         if optimizers:
-            _write_torch(fs, join(root, OPTIM_FILE), {k: o.state_dict() for k, o in optimizers.items()})
+            write_torch(fs, join(root, OPTIM_FILE), {k: o.state_dict() for k, o in optimizers.items()})
         with fs.open(join(root, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
     except OSError as err:
@@ -121,14 +122,16 @@ def save_checkpoint(
     return directory
 
 
-def _write_torch(fs, path: str, obj: Any) -> None:
+def write_torch(fs, path: str, obj: Any) -> None:
+    """torch.save `obj` (tensors and plain containers only) to `path` on `fs`."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     with fs.open(path, "wb") as f:
         f.write(buffer.getvalue())
 
 
-def _read_torch(fs, path: str, what: str) -> Any:
+def read_torch(fs, path: str, what: str) -> Any:
+    """torch.load(weights_only=True) from `path` on `fs`; a missing or foreign file is an F2MError."""
     try:
         with fs.open(path, "rb") as f:
             data = f.read()
@@ -166,23 +169,32 @@ def find_checkpoint(path: str) -> str:
     return join(path, latest.rstrip("/").rsplit("/", 1)[-1])
 
 
-def _read_meta(fs, root: str) -> dict[str, Any]:
-    meta_path = join(root, META_FILE)
+def read_format_metadata(fs, root: str, meta_file: str, fmt: str, version: int, kind: str) -> dict[str, Any]:
+    """The JSON metadata `meta_file` of a self-describing directory whose format is `fmt` at `version`.
+
+    Shared by every artifact directory that follows this module's layout (checkpoints, judges);
+    `kind` names the artifact in messages.
+    """
+    meta_path = join(root, meta_file)
     try:
         with fs.open(meta_path, "r") as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise F2MError(f"not an f2m-ray checkpoint: no {META_FILE} in {root}") from None
+        raise F2MError(f"not an f2m-ray {kind}: no {meta_file} in {root}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise F2MError(f"corrupt checkpoint metadata: {meta_path} is not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise F2MError(f"not an f2m-ray checkpoint: {meta_path} has format {meta.get('format') if isinstance(meta, dict) else None!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
+        raise F2MError(f"corrupt {kind} metadata: {meta_path} is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise F2MError(f"not an f2m-ray {kind}: {meta_path} has format {meta.get('format') if isinstance(meta, dict) else None!r}")
+    if meta.get("format_version") != version:
         raise F2MError(
-            f"checkpoint format version {meta.get('format_version')} in {root} is not supported "
-            f"(this f2m-ray {__version__} reads version {FORMAT_VERSION})"
+            f"{kind} format version {meta.get('format_version')} in {root} is not supported "
+            f"(this f2m-ray {__version__} reads version {version})"
         )
     return meta
+
+
+def _read_meta(fs, root: str) -> dict[str, Any]:
+    return read_format_metadata(fs, root, META_FILE, FORMAT, FORMAT_VERSION, "checkpoint")
 
 
 def read_metadata(path: str) -> dict[str, Any]:
@@ -203,12 +215,12 @@ def load_checkpoint(path: str, with_optimizer: bool = False) -> Checkpoint:
         preset = Preset.from_dict(meta["preset"])
     except (KeyError, TypeError) as err:
         raise F2MError(f"corrupt checkpoint metadata in {path}: bad preset ({err})") from None
-    model_state = _read_torch(fs, join(root, MODEL_FILE), "model weights")
+    model_state = read_torch(fs, join(root, MODEL_FILE), "model weights")
     if not isinstance(model_state, dict) or set(model_state) != {"generator", "d_margin", "d_shape"}:
         raise F2MError(f"corrupt checkpoint model weights in {path}: unexpected content")
     optim_state = None
     if with_optimizer and fs.exists(join(root, OPTIM_FILE)):
-        optim_state = _read_torch(fs, join(root, OPTIM_FILE), "optimizer state")
+        optim_state = read_torch(fs, join(root, OPTIM_FILE), "optimizer state")
     return Checkpoint(
         path=path,
         preset=preset,
