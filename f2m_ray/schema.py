@@ -1,0 +1,229 @@
+"""The Parquet schemas: synthetic-mass rows and feature-bank rows, in one place.
+
+Synthetic dataset (``f2m-ray synthesize``), one row per mass:
+
+    column                 type                          meaning
+    sample_id              string                        ``CATEGORY-NNNNNNNNN``, unique in the dataset
+    sample_index           int64                         i: the sample's index within its category
+    image                  struct<bytes: binary,         8-bit grayscale PNG; the Hugging Face
+                                  path: string>          ``datasets`` Image layout (path = file name)
+    height, width          int32                         image size in pixels (64)
+    margin, shape          string                        BI-RADS names (f2m_ray.labels)
+    category               string                        ``MARGIN-SHAPE``
+    margin_id, shape_id    int64                         class ids (f2m_ray.labels.MARGINS/SHAPES)
+    seed_ids               list<string>                  roi ids of the mixed bank features
+    weights                list<float64>                 their weights (step grid, sum 1), same order
+    model_id               string                        hash of the generator's weights
+    bank_id                string                        hash of the feature bank's ids and features
+    run_seed               int64                         the run seed
+    label_confidence       float32, nullable             reserved for the scoring step (null for now)
+    nearest_seed_distance  float32, nullable             L2 distance from the mixed feature to the
+                                                         nearest training-split bank feature
+
+File-level metadata (key ``f2m_ray``, JSON): schema version, tool version, model id, bank id,
+model config, run arguments, category and the sample range [start, stop) the file holds.
+Key ``huggingface`` carries the ``datasets`` feature description so that the ``image``
+column loads as an Image.
+
+Feature bank (``f2m-ray encode``), one row per labeled ROI, sorted by roi_id:
+
+    roi_id                 string
+    margin, shape, category string
+    margin_id, shape_id    int64
+    split                  string      "train" or "val" (as in training)
+    patient_id, source     string
+    image                  struct<bytes, path>   the ROI as the encoder saw it (64x64 PNG)
+    feature                fixed_size_list<float32>[feature_dim]
+
+File-level metadata (key ``f2m_ray_bank``, JSON): format, schema version, tool version,
+model id, bank id, feature_dim, vocabulary, data description.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from f2m_ray.errors import F2MError
+
+SCHEMA_VERSION = 1  # synthetic rows; bump on any change a reader could notice
+BANK_SCHEMA_VERSION = 1
+METADATA_KEY = b"f2m_ray"
+BANK_METADATA_KEY = b"f2m_ray_bank"
+HF_METADATA_KEY = b"huggingface"
+BANK_FORMAT = "f2m-ray-feature-bank"
+MANIFEST_NAME = "_manifest.json"  # leading underscore: pyarrow.dataset and Ray skip it
+PNG_COMPRESS_LEVEL = 1  # zlib level: 64x64 masses barely shrink further, level 1 is ~3x faster than 6
+
+IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+
+SYNTHETIC_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int64(), nullable=False),
+        pa.field("image", IMAGE_TYPE, nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("margin", pa.string(), nullable=False),
+        pa.field("shape", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("margin_id", pa.int64(), nullable=False),
+        pa.field("shape_id", pa.int64(), nullable=False),
+        pa.field("seed_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("weights", pa.list_(pa.float64()), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("bank_id", pa.string(), nullable=False),
+        pa.field("run_seed", pa.int64(), nullable=False),
+        pa.field("label_confidence", pa.float32(), nullable=True),
+        pa.field("nearest_seed_distance", pa.float32(), nullable=True),
+    ]
+)
+
+
+def _value(dtype: str) -> dict[str, str]:
+    return {"dtype": dtype, "_type": "Value"}
+
+
+def _sequence(dtype: str) -> dict[str, Any]:
+    # "Sequence" with an explicit length: read by old and new `datasets` alike.
+    return {"feature": _value(dtype), "length": -1, "_type": "Sequence"}
+
+
+# What `datasets` writes under b"huggingface" (``{"info": {"features": ...}}``).
+HF_FEATURES: dict[str, Any] = {
+    "sample_id": _value("string"),
+    "sample_index": _value("int64"),
+    "image": {"_type": "Image"},
+    "height": _value("int32"),
+    "width": _value("int32"),
+    "margin": _value("string"),
+    "shape": _value("string"),
+    "category": _value("string"),
+    "margin_id": _value("int64"),
+    "shape_id": _value("int64"),
+    "seed_ids": _sequence("string"),
+    "weights": _sequence("float64"),
+    "model_id": _value("string"),
+    "bank_id": _value("string"),
+    "run_seed": _value("int64"),
+    "label_confidence": _value("float32"),
+    "nearest_seed_distance": _value("float32"),
+}
+
+
+def bank_schema(feature_dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("roi_id", pa.string(), nullable=False),
+            pa.field("margin", pa.string(), nullable=False),
+            pa.field("shape", pa.string(), nullable=False),
+            pa.field("category", pa.string(), nullable=False),
+            pa.field("margin_id", pa.int64(), nullable=False),
+            pa.field("shape_id", pa.int64(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("patient_id", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("image", IMAGE_TYPE, nullable=False),
+            pa.field("feature", pa.list_(pa.float32(), feature_dim), nullable=False),
+        ]
+    )
+
+
+def synthetic_metadata(info: dict[str, Any]) -> dict[bytes, bytes]:
+    """File-level metadata for one synthetic shard: ours plus the `datasets` features."""
+    ours = {"schema_version": SCHEMA_VERSION, **info}
+    return {
+        METADATA_KEY: json.dumps(ours, sort_keys=True).encode(),
+        HF_METADATA_KEY: json.dumps({"info": {"features": HF_FEATURES}}).encode(),
+    }
+
+
+def read_json_metadata(schema: pa.Schema, key: bytes, what: str) -> dict[str, Any]:
+    """Decode one JSON metadata entry of a Parquet schema, or refuse naming the file."""
+    raw = (schema.metadata or {}).get(key)
+    if raw is None:
+        raise F2MError(f"{what} has no {key.decode()} metadata: not written by f2m-ray")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise F2MError(f"{what} has corrupt {key.decode()} metadata") from None
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Model range [-1, 1] -> uint8 [0, 255] (inverse of readers.to_model_range)."""
+    return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def png_bytes(image: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """One (H, W) uint8 image -> 8-bit grayscale PNG bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> (H, W) uint8."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("L"))
+
+
+def image_column(png: list[bytes], names: list[str]) -> pa.StructArray:
+    """PNG bytes plus file names -> the HF Image struct column."""
+    return pa.StructArray.from_arrays(
+        [pa.array(png, type=pa.binary()), pa.array(names, type=pa.string())],
+        fields=list(IMAGE_TYPE),
+    )
+
+
+def write_table(table: pa.Table, path: str, row_group_size: int | None = None) -> int:
+    """Write one complete Parquet file (local or s3://); returns its size in bytes.
+
+    A reader never sees a partial file: the file is serialized in memory first; locally it
+    goes to a hidden temporary name in the same folder and is renamed, on S3 it is one
+    PUT (an object only appears once its upload completes, and a failed or killed upload
+    leaves nothing behind).
+    """
+    import os
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    from f2m_ray.storage import filesystem, is_remote
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=row_group_size)
+    data = sink.getvalue().to_pybytes()
+    if is_remote(path):
+        fs, inner = filesystem(path)
+        fs.pipe_file(inner, data)
+        return len(data)
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+        os.replace(temporary, os.path.join(folder, name))
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return len(data)
+
+
+def read_schema(path: str) -> pa.Schema:
+    """The schema (with metadata) of one Parquet file, local or s3://."""
+    import pyarrow.parquet as pq
+
+    from f2m_ray.storage import arrow_filesystem
+
+    fs, inner = arrow_filesystem(path)
+    with fs.open_input_file(inner) as f:
+        return pq.read_schema(f)
