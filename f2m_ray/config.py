@@ -166,3 +166,38 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise F2MError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A run's config file as a dict: TOML (stdlib ``tomllib``), or YAML when PyYAML is installed.
+
+    The caller maps the sections onto the dataclasses above; this only reads and parses.
+    """
+    import os
+
+    if not os.path.isfile(path):
+        raise F2MError(f"config file not found: {path}")
+    suffix = os.path.splitext(path)[1].lower()
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise F2MError(f"cannot read {path}: YAML needs PyYAML (pip install pyyaml), or use TOML") from None
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        else:
+            raise F2MError(f"config file {path} must end in .toml, .yaml or .yml")
+    except F2MError:
+        raise
+    except Exception as err:  # tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise F2MError(f"cannot parse config file {path}: {first}") from None
+    if not isinstance(data, dict):
+        raise F2MError(f"config file {path} must hold a table of settings, got {type(data).__name__}")
+    return data

@@ -22,8 +22,13 @@ def _quiet_defaults() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
-def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS, or start embedded local Ray with settings that work on 2 cores."""
+def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None, log_to_driver: bool = True) -> None:
+    """Join the cluster in RAY_ADDRESS, or start embedded local Ray with settings that work on 2 cores.
+
+    ``log_to_driver=False`` keeps the actors' own log lines (Ray Train's bookkeeping, and the
+    state-API warnings that embedded Ray without a dashboard produces) out of the console,
+    for commands that print their own progress; they stay in Ray's session log files.
+    """
     _quiet_defaults()
     import ray
 
@@ -34,6 +39,7 @@ def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None
         return
     slots = num_cpus or max(LOCAL_CPU_SLOTS_MIN, 2 * (os.cpu_count() or 1))
     ray.init(
+        log_to_driver=log_to_driver,
         num_cpus=slots,
         num_gpus=num_gpus,
         include_dashboard=False,
