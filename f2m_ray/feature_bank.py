@@ -6,7 +6,7 @@ Which ROIs: every labeled ROI of the source, train and val splits alike (the pap
 draws its seeds from all labeled masses); the ``split`` column records which split
 each ROI had in training (same val fraction and seed as the checkpoint's run), so
 that synthesis can restrict seeds to the training split (``seed_split="train"``) and
-the nearest-seed distance is measured against training ROIs only.
+the nearest-seed distance is measured against training ROIs of the category only.
 
 Ray Data maps the labeled rows (f2m_ray.readers) through an actor pool whose actors
 load the checkpoint once and encode in eval mode. The bank is small (a few thousand

@@ -17,8 +17,9 @@ Synthetic dataset (``f2m-ray synthesize``), one row per mass:
     bank_id                string                        hash of the feature bank's ids and features
     run_seed               int64                         the run seed
     label_confidence       float32, nullable             reserved for the scoring step (null for now)
-    nearest_seed_distance  float32, nullable             L2 distance from the mixed feature to the
-                                                         nearest training-split bank feature
+    nearest_seed_distance  float32, nullable             L2 distance, in feature space, from the mixed
+                                                         feature to the nearest training-split seed of
+                                                         its category (null if it has none)
 
 File-level metadata (key ``f2m_ray``, JSON): schema version, tool version, model id, bank id,
 model config, run arguments, category and the sample range [start, stop) the file holds.

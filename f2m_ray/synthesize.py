@@ -1,0 +1,751 @@
+"""Category synthesis (paper 3.4, Fig. 5) as a sharded Ray Data job into Parquet.
+
+    shards (category, [start, stop))  --Ray Data, actor pool-->  OUT/CATEGORY/part-START-END.parquet
+      per sample i:  plan (K seeds of C, weights on the step grid)  ->  mix  ->  decode  ->  PNG
+
+One Ray Data operator does all the work: each actor loads the generator and the bank
+once, and for each shard it plans, mixes, decodes, encodes PNGs and writes the shard's
+Parquet file itself. Images never travel through Ray's object store; only a small
+record per file (and a progress record every few hundred rows) comes back to the
+driver. Fusing the stages in one actor is what lets the pipeline keep up with a
+plain single-process loop on a 2-core machine (benchmarks/synthesis_throughput.py).
+
+Determinism: sample i's plan is ``mixing.plan_sample(run_seed, category.id, i, ...)``
+over the category's bank rows sorted by roi_id; decoding runs in eval mode in
+fixed-size batches aligned on absolute sample indices (the last one padded), so
+seed ids, weights and image bytes depend only on (model, bank, category, run seed, i)
+and the decode batch size, never on the number of actors, blocks, retries or resumes.
+
+Output safety: files are named by the sample range they hold and appear complete or
+not at all (f2m_ray.schema.write_table), so a retried or resumed shard replaces or
+skips its file instead of adding a duplicate. ``_run.json`` (the run's arguments) is
+written first and ``_manifest.json`` last: a dataset without a manifest is unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import numpy as np
+
+from f2m_ray import __version__
+from f2m_ray.errors import F2MError
+from f2m_ray.feature_bank import (
+    SEED_SPLITS,
+    FeatureBank,
+    default_bank_path,
+    load_feature_bank,
+    plan_actors,
+    prepare_torch,
+)
+from f2m_ray.labels import Category, UnknownLabelError, parse_category
+from f2m_ray.schema import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    SYNTHETIC_SCHEMA,
+    image_column,
+    png_bytes,
+    synthetic_metadata,
+    to_uint8,
+    write_table,
+)
+from f2m_ray.storage import filesystem, is_remote, join, storage_options
+
+RUN_NAME = "_run.json"  # the run's arguments, written first (resume checks them)
+RUN_FORMAT = "f2m-ray-synthetic-run"
+MANIFEST_FORMAT = "f2m-ray-synthetic"
+ROW_GROUP_ROWS = 1000  # ~4 MB of PNGs per row group: readers can stream a file
+PROGRESS_ROWS = 512  # actors report progress about this often (rounded to decode batches)
+REPORT_SECONDS = 5.0  # the driver prints at most one progress line this often
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """What `f2m-ray synthesize` was asked to do."""
+
+    categories: tuple[str, ...]  # category names (any accepted spelling) or ("all",)
+    n: int  # masses per category
+    out: str  # output folder, local or s3://
+    model: str | None = None  # checkpoint (dir or run folder); default: the bank's checkpoint
+    bank: str | None = None  # feature bank; default: <checkpoint>/feature_bank.parquet
+    k: int = 20  # seeds mixed per sample (paper 3.4)
+    step: float = 0.05  # weight grid (paper 3.4)
+    alpha: float = 1.0  # Dirichlet concentration; 1 = uniform over grid compositions
+    seed: int = 0  # run seed
+    rows_per_file: int = 10_000  # samples per Parquet file (the unit of work and of resume)
+    batch_size: int = 64  # decode batch (fixed: part of what determines the bytes)
+    seed_split: str = "all"  # seeds from "all" labeled ROIs or only the "train" split
+    workers: int | None = None  # actor pool size; default one per GPU, else one per core
+    resume: bool = False  # finish a run in `out`, skipping its finished files
+    overwrite: bool = False  # replace an existing synthetic dataset in `out`
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One output file: samples [start, stop) of one category."""
+
+    category: str
+    start: int
+    stop: int
+    path: str  # relative to the output folder
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class CategoryPlan:
+    category: Category
+    pool_size: int  # seeds available
+    k_used: int  # seeds mixed per sample: min(k, pool_size)
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A validated run: paths, ids, categories and shards."""
+
+    config: SynthesisConfig
+    checkpoint: str
+    bank_path: str
+    model_id: str
+    bank_id: str
+    preset: dict[str, Any]
+    categories: tuple[CategoryPlan, ...]
+    shards: tuple[Shard, ...]
+    notes: tuple[str, ...]  # things the user should know (fewer seeds than K, ...)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything the output's bytes depend on: resume refuses a run that differs."""
+        c = self.config
+        return {
+            "format": RUN_FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "tool_version": __version__,
+            "model_id": self.model_id,
+            "bank_id": self.bank_id,
+            "categories": [p.category.name for p in self.categories],
+            "n": c.n,
+            "k": c.k,
+            "step": c.step,
+            "alpha": c.alpha,
+            "seed": c.seed,
+            "rows_per_file": c.rows_per_file,
+            "batch_size": c.batch_size,
+            "seed_split": c.seed_split,
+        }
+
+    def describe(self) -> list[str]:
+        c = self.config
+        lines = [
+            f"model       {self.checkpoint}  (id {self.model_id}, preset {self.preset.get('name')})",
+            f"bank        {self.bank_path}  (id {self.bank_id}, seeds from {c.seed_split} ROIs)",
+            f"out         {c.out}",
+            f"per sample  K={c.k} seeds, weights on a {c.step:g} grid, alpha {c.alpha:g}, run seed {c.seed}",
+            f"files       {len(self.shards)} of up to {c.rows_per_file} rows; decode batch {c.batch_size}",
+        ]
+        for p in self.categories:
+            lines.append(f"category    {p.category.name}: {c.n} masses from {p.pool_size} seeds (K used {p.k_used})")
+        lines += [f"note        {n}" for n in self.notes]
+        return lines
+
+
+@dataclass(frozen=True)
+class SynthesisSummary:
+    out: str
+    rows: int  # rows in the finished dataset
+    files: int  # files in the finished dataset
+    written_rows: int  # rows written by this run (the rest were already there)
+    written_files: int
+    seconds: float
+    manifest: str
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def masses_per_second(self) -> float:
+        return self.written_rows / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_numbers(c: SynthesisConfig) -> None:
+    if c.n <= 0:
+        raise F2MError(f"--n must be a positive number of masses per category, got {c.n}")
+    if c.k < 2:
+        raise F2MError(f"--k must be at least 2 (K seeds are mixed per sample), got {c.k}")
+    if c.alpha <= 0:
+        raise F2MError(f"--alpha must be > 0, got {c.alpha}")
+    if c.seed < 0:
+        raise F2MError(f"--seed must be >= 0, got {c.seed}")
+    if c.rows_per_file <= 0:
+        raise F2MError(f"--rows-per-file must be positive, got {c.rows_per_file}")
+    if c.batch_size <= 0:
+        raise F2MError(f"--batch-size must be positive, got {c.batch_size}")
+    if c.workers is not None and c.workers <= 0:
+        raise F2MError(f"--workers must be positive, got {c.workers}")
+    if c.seed_split not in SEED_SPLITS:
+        raise F2MError(f"unknown seed split {c.seed_split!r}; valid: {', '.join(SEED_SPLITS)}")
+    if c.resume and c.overwrite:
+        raise F2MError("--resume and --overwrite exclude each other")
+    if not c.categories:
+        raise F2MError("name at least one --category (or 'all')")
+    from f2m_ray.mixing import grid_units
+
+    grid_units(c.step)
+
+
+def quick_s3(path: str):
+    """An s3fs filesystem for `path` that fails fast (one attempt, short timeouts)."""
+    import s3fs
+
+    options = storage_options(path)
+    options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 1}}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    fs.retries = 1
+    return fs
+
+
+def probe_storage(path: str, what: str) -> None:
+    """Fail early, in one line, when an s3:// path is unreachable or refused."""
+    if not str(path).startswith("s3://"):
+        return
+    fs = quick_s3(path)
+    bucket = path[len("s3://"):].split("/", 1)[0]
+    try:
+        fs.ls(bucket, refresh=True)
+    except FileNotFoundError:
+        raise F2MError(f"{what} {path}: bucket {bucket!r} does not exist") from None
+    except PermissionError as err:
+        raise F2MError(f"{what} {path}: S3 refused access ({_first_line(err)}); check the credentials") from None
+    except Exception as err:  # botocore's connection errors are not OSErrors
+        from f2m_ray.storage import s3_endpoint
+
+        endpoint = s3_endpoint() or "the default AWS endpoint"
+        raise F2MError(f"{what} {path}: cannot reach S3 at {endpoint} ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _categories(names: tuple[str, ...], bank: FeatureBank, seed_split: str) -> list[Category]:
+    chosen: list[Category] = []
+    for name in names:
+        if str(name).strip().lower() == "all":
+            from f2m_ray.labels import all_categories
+
+            found = [c for c in all_categories() if len(bank.pool(c, seed_split)) >= 2]
+            if not found:
+                raise F2MError(f"the bank {bank.path} has no category with 2 or more seeds")
+        else:
+            try:
+                found = [parse_category(name)]
+            except UnknownLabelError as err:
+                raise F2MError(f"{err}; or 'all' for every category in the bank") from None
+        chosen.extend(c for c in found if c not in chosen)
+    return chosen
+
+
+def shard_name(category: str, start: int, stop: int, n: int) -> str:
+    """``CATEGORY/part-000000-009999.parquet``: the inclusive sample range, zero-padded."""
+    width = max(6, len(str(n - 1)))
+    return f"{category}/part-{start:0{width}d}-{stop - 1:0{width}d}.parquet"
+
+
+def resolve(config: SynthesisConfig) -> ResolvedRun:
+    """Validate a run without starting Ray: paths, model, bank, categories, shards."""
+    from f2m_ray.checkpoint import find_checkpoint, read_metadata
+
+    c = config
+    _check_numbers(c)
+    for path, what in ((c.out, "output"), (c.model, "model"), (c.bank, "feature bank")):
+        if path:
+            probe_storage(path, what)
+    if not c.model and not c.bank:
+        raise F2MError("name the model (--model CKPT) or its feature bank (--bank BANK)")
+    checkpoint = find_checkpoint(c.model) if c.model else None
+    bank_path = c.bank or default_bank_path(checkpoint)
+    bank = load_feature_bank(bank_path)
+    if checkpoint is None:
+        checkpoint = bank.metadata.get("checkpoint")
+        if not checkpoint:
+            raise F2MError(f"the bank {bank_path} does not name its checkpoint; pass --model CKPT")
+        probe_storage(checkpoint, "model")
+        checkpoint = find_checkpoint(checkpoint)
+    meta = read_metadata(checkpoint)
+    if meta.get("vocabulary") != bank.vocabulary:
+        raise F2MError(f"the model {checkpoint} and the bank {bank_path} use different BI-RADS vocabularies")
+    if meta["model_id"] != bank.model_id:
+        raise F2MError(
+            f"the bank {bank_path} was encoded by model {bank.model_id}, not by {checkpoint} "
+            f"(model {meta['model_id']}); run `f2m-ray encode --model {checkpoint}`"
+        )
+    feature_dim = int(meta["preset"]["model"]["feature_dim"])
+    if bank.feature_dim != feature_dim:
+        raise F2MError(f"the bank has {bank.feature_dim}-d features, the model expects {feature_dim}-d")
+    plans, notes = [], []
+    for category in _categories(c.categories, bank, c.seed_split):
+        pool = len(bank.pool(category, c.seed_split))
+        where = "" if c.seed_split == "all" else " in the training split"
+        if pool < 2:
+            raise F2MError(
+                f"category {category.name} has {pool} seed(s){where} in the bank {bank_path}; "
+                f"mixing needs at least 2 (bank categories: {', '.join(f'{k} ({v})' for k, v in bank.counts().items())})"
+            )
+        if pool < c.k:
+            notes.append(f"{category.name} has only {pool} seeds{where}, fewer than K={c.k}: each sample mixes all {pool}")
+        plans.append(CategoryPlan(category, pool, min(c.k, pool)))
+    shards = tuple(
+        Shard(p.category.name, start, min(start + c.rows_per_file, c.n), shard_name(p.category.name, start, min(start + c.rows_per_file, c.n), c.n))
+        for p in plans
+        for start in range(0, c.n, c.rows_per_file)
+    )
+    return ResolvedRun(
+        config=c,
+        checkpoint=checkpoint,
+        bank_path=bank_path,
+        model_id=str(meta["model_id"]),
+        bank_id=bank.bank_id,
+        preset=meta["preset"],
+        categories=tuple(plans),
+        shards=shards,
+        notes=tuple(notes),
+    )
+
+
+# ---------------------------------------------------------------- the output folder
+
+
+def _relative(root: str, path: str) -> str:
+    return path[len(root):].lstrip("/") if path.startswith(root) else path
+
+
+def _list_files(out: str) -> tuple[Any, str, dict[str, int]]:
+    """(fs, root, {relative path: size}) of everything under `out`."""
+    fs, root = filesystem(out)
+    root = root.rstrip("/")
+    fs.invalidate_cache()
+    try:
+        if not fs.exists(root):
+            return fs, root, {}
+        if not fs.isdir(root):
+            raise F2MError(f"output {out} is a file, expected a folder")
+        found = fs.find(root, detail=True)
+    except PermissionError as err:
+        raise F2MError(f"output {out}: access refused ({_first_line(err)})") from None
+    return fs, root, {_relative(root, p): int(info.get("size") or 0) for p, info in found.items()}
+
+
+def prepare_output(run: ResolvedRun) -> dict[str, int]:
+    """Check `out` against --resume/--overwrite, write _run.json; returns finished files {path: size}."""
+    c = run.config
+    fs, root, files = _list_files(c.out)
+    ours = {RUN_NAME, MANIFEST_NAME}
+    if files and not c.resume:
+        if not c.overwrite:
+            raise F2MError(
+                f"output {c.out} is not empty ({len(files)} files); use --resume to finish the run there, "
+                f"--overwrite to replace it, or another --out"
+            )
+        if not ours & set(files):
+            raise F2MError(f"output {c.out} is not empty and is not an f2m-ray synthetic dataset; refusing to overwrite it")
+        _remove(fs, join(root, MANIFEST_NAME))  # first: a half-replaced dataset must not look finished
+        fs.rm(root, recursive=True)
+        fs.invalidate_cache()
+        files = {}
+    if files and c.resume:
+        if RUN_NAME not in files:
+            raise F2MError(f"cannot resume in {c.out}: no {RUN_NAME} there (not an f2m-ray synthetic run)")
+        with fs.open(join(root, RUN_NAME), "r") as f:
+            stored = json.load(f).get("fingerprint", {})
+        wanted = run.fingerprint()
+        differ = [k for k in wanted if stored.get(k) != wanted[k]]
+        if differ:
+            what = ", ".join(f"{k} {stored.get(k)!r} there vs {wanted[k]!r} now" for k in differ)
+            raise F2MError(f"cannot resume in {c.out}: it holds another run ({what})")
+        _remove(fs, join(root, MANIFEST_NAME))
+    expected = {s.path for s in run.shards}
+    for name in files:  # leftovers of a killed local run (hidden temp files) are never data
+        if name.rsplit("/", 1)[-1].startswith(".") and ".tmp-" in name:
+            _remove(fs, join(root, name))
+    record = {
+        "fingerprint": run.fingerprint(),
+        "arguments": _arguments(run),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write_json(c.out, RUN_NAME, record)
+    return {name: size for name, size in files.items() if name in expected and size > 0}
+
+
+def _remove(fs, path: str) -> None:
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
+
+
+def _arguments(run: ResolvedRun) -> dict[str, Any]:
+    args = asdict(run.config)
+    args["categories"] = [p.category.name for p in run.categories]
+    args["model"] = run.checkpoint
+    args["bank"] = run.bank_path
+    return args
+
+
+# ---------------------------------------------------------------- the actor
+
+
+class ShardSynthesizer:
+    """Ray Data actor: loads the model and bank once; turns a shard into a Parquet file."""
+
+    def __init__(self, spec: dict[str, Any]):
+        from f2m_ray.checkpoint import load_checkpoint
+
+        self.spec = spec
+        prepare_torch(spec["torch_threads"], spec["device"])
+        self.device = spec["device"]
+        checkpoint = load_checkpoint(spec["checkpoint"])
+        if checkpoint.model_id != spec["model_id"]:
+            raise F2MError(f"the checkpoint {spec['checkpoint']} changed during the run")
+        self.generator = checkpoint.generator(self.device)
+        self.bank = load_feature_bank(spec["bank"])
+        if self.bank.bank_id != spec["bank_id"]:
+            raise F2MError(f"the feature bank {spec['bank']} changed during the run")
+        self.pools: dict[str, np.ndarray] = {}  # category -> bank rows of its seeds, roi_id order
+        self.train_seeds: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # category -> (features, norms)
+        for name in spec["categories"]:
+            category = parse_category(name)
+            self.pools[name] = self.bank.pool(category, spec["seed_split"])
+            train = self.bank.features[self.bank.pool(category, "train")].astype(np.float64)  # (T, D)
+            self.train_seeds[name] = (train, np.einsum("td,td->t", train, train)) if len(train) else None
+        self.metadata_base = {
+            "tool_version": __version__,
+            "model_id": spec["model_id"],
+            "bank_id": spec["bank_id"],
+            "model_config": spec["preset"],
+            "run": spec["fingerprint"],
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        for category, start, stop, path in zip(batch["category"], batch["start"], batch["stop"], batch["path"]):
+            yield from self.synthesize_shard(str(category), int(start), int(stop), str(path))
+
+    def synthesize_shard(self, category_name: str, start: int, stop: int, relative_path: str):
+        """Yield progress records, then one record naming the written file."""
+        spec = self.spec
+        category = parse_category(category_name)
+        pool = self.pools[category_name]
+        batch_size = spec["batch_size"]
+        columns: dict[str, list] = {k: [] for k in ("png", "seed_ids", "weights", "distance")}
+        reported = 0
+        begin = start
+        while begin < stop:
+            end = min(stop, (begin // batch_size + 1) * batch_size)  # decode batches aligned on absolute indices
+            self._decode_batch(category, pool, begin, end, columns)
+            begin = end
+            if begin - start - reported >= PROGRESS_ROWS and begin < stop:
+                yield _record(category_name, start, stop, begin - start - reported)
+                reported = begin - start
+        table = self._table(category, start, stop, columns)
+        size = write_table(table, join(spec["out"], relative_path), row_group_size=ROW_GROUP_ROWS)
+        yield _record(category_name, start, stop, stop - start - reported, relative_path, size)
+
+    def _decode_batch(self, category: Category, pool: np.ndarray, begin: int, end: int, columns: dict[str, list]) -> None:
+        import torch
+
+        from f2m_ray.mixing import plan_sample
+
+        spec = self.spec
+        plans = [
+            plan_sample(spec["seed"], category.id, index, len(pool), spec["k"], spec["step"], spec["alpha"])
+            for index in range(begin, end)
+        ]
+        rows = np.stack([pool[p.seed_positions] for p in plans])  # (b, K) bank rows
+        weights = np.stack([p.weights for p in plans])  # (b, K), each row on the grid, sum 1
+        mixed = np.zeros((spec["batch_size"], self.bank.feature_dim), dtype=np.float32)  # (B, D), padded
+        mixed[: end - begin] = mix_rows(self.bank.features[rows], weights)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
+            images = self.generator.decode(torch.from_numpy(mixed).to(self.device))  # (B, 1, 64, 64)
+        pixels = to_uint8(images.float().cpu().numpy()[: end - begin, 0])  # (b, 64, 64) uint8
+        columns["png"].extend(png_bytes(p) for p in pixels)
+        columns["seed_ids"].extend(self.bank.roi_id[rows].tolist())
+        columns["weights"].extend(weights.tolist())
+        train = self.train_seeds[category.name]
+        if train is None:
+            columns["distance"].extend([math.nan] * (end - begin))
+        else:
+            columns["distance"].extend(nearest_distance(mixed[: end - begin], *train).tolist())
+
+    def _table(self, category: Category, start: int, stop: int, columns: dict[str, list]):
+        import pyarrow as pa
+
+        spec = self.spec
+        n = stop - start
+        ids = [f"{category.name}-{i:09d}" for i in range(start, stop)]
+        distance = np.asarray(columns["distance"], dtype=np.float32)
+        metadata = synthetic_metadata({**self.metadata_base, "category": category.name, "sample_range": [start, stop]})
+        schema = SYNTHETIC_SCHEMA.with_metadata(metadata)
+        return pa.Table.from_arrays(
+            [
+                pa.array(ids, pa.string()),
+                pa.array(np.arange(start, stop, dtype=np.int64)),
+                image_column(columns["png"], [f"{i}.png" for i in ids]),
+                pa.array(np.full(n, 64, dtype=np.int32)),
+                pa.array(np.full(n, 64, dtype=np.int32)),
+                pa.array([category.margin] * n, pa.string()),
+                pa.array([category.shape] * n, pa.string()),
+                pa.array([category.name] * n, pa.string()),
+                pa.array(np.full(n, category.margin_id, dtype=np.int64)),
+                pa.array(np.full(n, category.shape_id, dtype=np.int64)),
+                pa.array(columns["seed_ids"], pa.list_(pa.string())),
+                pa.array(columns["weights"], pa.list_(pa.float64())),
+                pa.array([spec["model_id"]] * n, pa.string()),
+                pa.array([spec["bank_id"]] * n, pa.string()),
+                pa.array(np.full(n, spec["seed"], dtype=np.int64)),
+                pa.nulls(n, pa.float32()),
+                pa.array(distance, pa.float32(), mask=np.isnan(distance)),
+            ],
+            schema=schema,
+        )
+
+
+def mix_rows(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Eq. 2 for a batch: (b, K, D) seed features, (b, K) weights -> (b, D) float32.
+
+    einsum's own loops (no BLAS): the sum over K runs in a fixed order whatever the batch
+    size or thread count, so a sample's mixed feature is bit-identical in every run.
+    """
+    if np.any(weights < 0) or not np.allclose(weights.sum(axis=1), 1.0, atol=1e-9):
+        raise F2MError("interpolation weights must be non-negative and sum to 1")
+    return np.einsum("bk,bkd->bd", weights, features.astype(np.float64)).astype(np.float32)
+
+
+def nearest_distance(mixed: np.ndarray, seeds: np.ndarray, seed_norms: np.ndarray) -> np.ndarray:
+    """L2 distance from each (b, D) mixed feature to the nearest of (T, D) seed features: (b,).
+
+    Against the category's training-split seeds (the ROIs a sample could copy); einsum
+    again, for bit-identical results independent of batching and threads.
+    """
+    x = mixed.astype(np.float64)
+    squared = np.einsum("bd,bd->b", x, x)[:, None] - 2.0 * np.einsum("bd,td->bt", x, seeds) + seed_norms[None, :]
+    return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
+
+
+def _record(category: str, start: int, stop: int, rows: int, path: str = "", size: int = 0) -> dict[str, np.ndarray]:
+    return {
+        "category": np.array([category]),
+        "start": np.array([start], dtype=np.int64),
+        "stop": np.array([stop], dtype=np.int64),
+        "rows": np.array([rows], dtype=np.int64),
+        "path": np.array([path]),
+        "bytes": np.array([size], dtype=np.int64),
+    }
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def synthesize(
+    config: SynthesisConfig,
+    report: Callable[[str], None] | None = _stderr,
+    on_file: Callable[[dict[str, Any]], None] | None = None,
+) -> SynthesisSummary:
+    """Run the synthesis; `report` gets human progress lines, `on_file` each finished file."""
+    import logging
+
+    import ray
+
+    from f2m_ray.runtime import ensure_ray
+
+    report = report or (lambda line: None)
+    run = resolve(config)
+    finished = prepare_output(run)
+    for note in run.notes:
+        report(f"note: {note}")
+    todo = [s for s in run.shards if s.path not in finished]
+    done_rows = sum(s.rows for s in run.shards if s.path in finished)
+    total_rows = sum(s.rows for s in run.shards)
+    files: dict[str, dict[str, Any]] = {}
+    for shard in run.shards:
+        if shard.path in finished:
+            files[shard.path] = {"path": shard.path, "category": shard.category, "start": shard.start,
+                                 "stop": shard.stop, "rows": shard.rows, "bytes": finished[shard.path]}
+    if finished:
+        _verify_finished(run, [files[p] for p in finished if p in files])
+    start_time = time.perf_counter()
+    written_rows = 0
+    if todo:
+        ensure_ray()
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        actors = plan_actors(len(todo), config.workers)
+        spec = {
+            "checkpoint": run.checkpoint,
+            "bank": run.bank_path,
+            "model_id": run.model_id,
+            "bank_id": run.bank_id,
+            "preset": run.preset,
+            "fingerprint": run.fingerprint(),
+            "categories": [p.category.name for p in run.categories],
+            "out": config.out,
+            "seed": config.seed,
+            "k": config.k,
+            "step": config.step,
+            "alpha": config.alpha,
+            "batch_size": config.batch_size,
+            "seed_split": config.seed_split,
+            "torch_threads": actors.torch_threads,
+            "device": actors.device,
+        }
+        report(
+            f"synthesizing {total_rows - done_rows} masses in {len(todo)} files "
+            f"({len(run.categories)} categor{'y' if len(run.categories) == 1 else 'ies'}) with {actors.actors} "
+            f"actor(s) x {actors.torch_threads} torch thread(s) on {actors.device}"
+            + (f"; {len(finished)} files already done" if finished else "")
+        )
+        shards = ray.data.from_items(
+            [{"category": s.category, "start": s.start, "stop": s.stop, "path": s.path} for s in todo],
+            override_num_blocks=len(todo),
+        )
+        results = shards.map_batches(
+            ShardSynthesizer,
+            fn_constructor_kwargs={"spec": spec},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=actors.actors, max_tasks_in_flight_per_actor=1),
+            num_cpus=actors.num_cpus,
+            num_gpus=actors.num_gpus,
+        )
+        last_report = time.perf_counter()
+        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(batch["rows"])):
+                written_rows += int(batch["rows"][i])
+                path = str(batch["path"][i])
+                if path:
+                    record = {"path": path, "category": str(batch["category"][i]), "start": int(batch["start"][i]),
+                              "stop": int(batch["stop"][i]), "bytes": int(batch["bytes"][i])}
+                    record["rows"] = record["stop"] - record["start"]
+                    files[path] = record
+                    if on_file:
+                        on_file(record)
+            now = time.perf_counter()
+            if now - last_report >= REPORT_SECONDS:
+                last_report = now
+                report(_progress_line(min(total_rows, done_rows + written_rows), total_rows, len(files), len(run.shards),
+                                      written_rows, now - start_time))
+    seconds = time.perf_counter() - start_time
+    missing = [s.path for s in run.shards if s.path not in files]
+    if missing:
+        raise F2MError(f"{len(missing)} files were not written (e.g. {missing[0]}); run again with --resume")
+    manifest = write_manifest(run, [files[s.path] for s in run.shards], seconds)
+    summary = SynthesisSummary(
+        out=config.out,
+        rows=total_rows,
+        files=len(run.shards),
+        written_rows=sum(files[s.path]["rows"] for s in todo),
+        written_files=len(todo),
+        seconds=seconds,
+        manifest=manifest,
+        notes=run.notes,
+    )
+    return summary
+
+
+def _progress_line(rows: int, total: int, files: int, total_files: int, new_rows: int, seconds: float) -> str:
+    rate = new_rows / seconds if seconds > 0 else 0.0
+    eta = (total - rows) / rate if rate > 0 else math.inf
+    return (
+        f"{rows}/{total} masses ({100 * rows / total:.0f}%), {files}/{total_files} files, "
+        f"{rate:.0f} masses/s, eta {_duration(eta) if math.isfinite(eta) else '?'}"
+    )
+
+
+def _verify_finished(run: ResolvedRun, records: list[dict[str, Any]]) -> None:
+    """A file kept by --resume must hold exactly its range, from this run's arguments."""
+    import pyarrow.parquet as pq
+
+    from f2m_ray.schema import METADATA_KEY, read_json_metadata
+    from f2m_ray.storage import arrow_filesystem
+
+    wanted = run.fingerprint()
+    for record in records:
+        path = join(run.config.out, record["path"])
+        fs, inner = arrow_filesystem(path)
+        try:
+            with fs.open_input_file(inner) as f:
+                parquet = pq.ParquetFile(f)
+                rows = parquet.metadata.num_rows
+                meta = read_json_metadata(parquet.schema_arrow, METADATA_KEY, path)
+        except F2MError:
+            raise
+        except Exception as err:  # a truncated or foreign file
+            raise F2MError(f"cannot resume: {path} is not a readable shard ({_first_line(err)}); use --overwrite") from None
+        if rows != record["rows"] or meta.get("run") != wanted or meta.get("sample_range") != [record["start"], record["stop"]]:
+            raise F2MError(f"cannot resume: {path} does not hold samples {record['start']}..{record['stop'] - 1} of this run")
+
+
+def write_manifest(run: ResolvedRun, files: list[dict[str, Any]], seconds: float) -> str:
+    """The last file written: a reader treats a dataset without it as unfinished."""
+    counts: dict[str, int] = {}
+    for record in files:
+        counts[record["category"]] = counts.get(record["category"], 0) + record["rows"]
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "tool_version": __version__,
+        "model_id": run.model_id,
+        "bank_id": run.bank_id,
+        "preset": run.preset.get("name"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "rows": sum(counts.values()),
+        "counts": counts,
+        "notes": list(run.notes),
+        "arguments": _arguments(run),
+        "fingerprint": run.fingerprint(),
+        "files": files,
+    }
+    _write_json(run.config.out, MANIFEST_NAME, manifest)
+    return join(run.config.out, MANIFEST_NAME)
+
+
+def _write_json(out: str, name: str, content: dict[str, Any]) -> None:
+    """Write OUT/NAME whole or not at all (temp file + rename locally; one PUT on S3)."""
+    import os
+    import uuid
+
+    data = json.dumps(content, indent=2).encode()
+    try:
+        if is_remote(out):
+            fs, root = filesystem(out)
+            fs.pipe_file(join(root, name), data)
+            return
+        os.makedirs(out, exist_ok=True)
+        temporary = os.path.join(out, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        with open(temporary, "wb") as f:
+            f.write(data)
+        os.replace(temporary, os.path.join(out, name))
+    except PermissionError as err:
+        raise F2MError(f"output {out}: writing refused ({_first_line(err)})") from None

@@ -1,0 +1,169 @@
+"""Reading a synthetic dataset back (local or s3://): as a Ray Dataset or a torch Dataset.
+
+Both read exactly the files listed in the dataset's ``_manifest.json`` and refuse a
+folder without one (an unfinished run), so a half-written dataset is never read as a
+finished one. The Parquet files also read as-is with pandas, pyarrow.dataset, DuckDB
+and Hugging Face ``datasets`` (f2m_ray.schema documents the columns).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from f2m_ray.errors import F2MError
+from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, decode_png
+from f2m_ray.storage import arrow_filesystem, filesystem, join
+
+LABEL_COLUMNS = ("margin_id", "shape_id")
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    """The dataset's manifest; refuses unfinished or foreign folders with one clear line."""
+    fs, root = filesystem(path)
+    manifest_path = join(root, MANIFEST_NAME)
+    try:
+        with fs.open(manifest_path, "r") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        if fs.exists(join(root, "_run.json")):
+            raise F2MError(
+                f"{path} is an unfinished synthetic dataset (no {MANIFEST_NAME}); "
+                f"finish it with the same `f2m-ray synthesize` command plus --resume"
+            ) from None
+        raise F2MError(f"{path} is not a synthetic dataset: no {MANIFEST_NAME} there") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise F2MError(f"corrupt manifest {join(path, MANIFEST_NAME)}: not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "f2m-ray-synthetic":
+        raise F2MError(f"{join(path, MANIFEST_NAME)} is not an f2m-ray synthetic dataset manifest")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise F2MError(
+            f"{path} has schema version {manifest.get('schema_version')}; this f2m-ray reads version {SCHEMA_VERSION}"
+        )
+    return manifest
+
+
+def synthetic_files(path: str) -> list[str]:
+    """Full paths (local or s3://) of the dataset's Parquet files, in manifest order."""
+    return [join(path, record["path"]) for record in read_manifest(path)["files"]]
+
+
+def open_synthetic(path: str, columns: list[str] | None = None):
+    """A finished synthetic dataset as a ``ray.data.Dataset`` (one row per mass)."""
+    import ray
+
+    from f2m_ray.runtime import ensure_ray
+
+    files = synthetic_files(path)
+    fs, _ = arrow_filesystem(path)
+    ensure_ray()
+    return ray.data.read_parquet([arrow_filesystem(f)[1] for f in files], filesystem=fs, columns=columns)
+
+
+def read_table(path: str, columns: list[str] | None = None):
+    """A finished synthetic dataset as one ``pyarrow.Table`` (for small data and tests)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for file in synthetic_files(path):
+        fs, inner = arrow_filesystem(file)
+        with fs.open_input_file(inner) as f:
+            tables.append(pq.read_table(f, columns=columns))
+    if not tables:
+        raise F2MError(f"{path} lists no files")
+    return pa.concat_tables(tables)
+
+
+try:  # torch is a dependency of f2m-ray; the base class keeps DataLoader happy
+    from torch.utils.data import Dataset as _TorchDataset
+except ImportError:  # pragma: no cover
+    _TorchDataset = object  # type: ignore[assignment,misc]
+
+
+class SyntheticTorchDataset(_TorchDataset):
+    """A map-style torch Dataset: item i -> (image (1, 64, 64) float32 in [-1, 1], margin id, shape id).
+
+    Keeps the compressed PNG bytes and label ids in memory (about 4 KB per mass, so
+    100,000 masses take ~0.4 GB) and decodes each image on access, in DataLoader workers
+    when there are any.
+    """
+
+    def __init__(self, path: str, categories: list[str] | None = None):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        table = read_table(path, columns=["image", "category", *LABEL_COLUMNS])
+        if categories:
+            table = table.filter(pc.is_in(table.column("category"), value_set=pa.array(categories)))
+        self.path = path
+        self.images = table.column("image").combine_chunks().field("bytes")
+        self.margin_ids = table.column("margin_id").to_numpy().astype(np.int64)
+        self.shape_ids = table.column("shape_id").to_numpy().astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.margin_ids)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        from f2m_ray.readers import to_model_range
+
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} masses")
+        pixels = decode_png(self.images[index].as_py())  # (64, 64) uint8
+        image = torch.from_numpy(to_model_range(pixels))[None]  # (1, 64, 64) in [-1, 1]
+        return image, int(self.margin_ids[index]), int(self.shape_ids[index])
+
+
+def inspect_dataset(path: str) -> dict[str, Any]:
+    """What a finished dataset holds: the manifest's counts checked against the files' footers."""
+    import pyarrow.parquet as pq
+
+    manifest = read_manifest(path)
+    footer_counts: dict[str, int] = {}
+    total_bytes = 0
+    for record in manifest["files"]:
+        fs, inner = arrow_filesystem(join(path, record["path"]))
+        try:
+            with fs.open_input_file(inner) as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+        except FileNotFoundError:
+            raise F2MError(f"{path} is damaged: {record['path']} is listed in the manifest but missing") from None
+        footer_counts[record["category"]] = footer_counts.get(record["category"], 0) + rows
+        total_bytes += int(record.get("bytes", 0))
+    if footer_counts != manifest["counts"]:
+        raise F2MError(f"{path} is damaged: the files hold {footer_counts}, the manifest says {manifest['counts']}")
+    return {
+        "path": path,
+        "schema_version": manifest["schema_version"],
+        "tool_version": manifest.get("tool_version"),
+        "model_id": manifest.get("model_id"),
+        "bank_id": manifest.get("bank_id"),
+        "preset": manifest.get("preset"),
+        "rows": manifest["rows"],
+        "files": len(manifest["files"]),
+        "bytes": total_bytes,
+        "counts": manifest["counts"],
+        "arguments": manifest.get("arguments", {}),
+        "notes": manifest.get("notes", []),
+    }
+
+
+def sample_images(path: str, per_category: int = 8) -> dict[str, list[np.ndarray]]:
+    """The first `per_category` masses of each category as (64, 64) uint8 arrays."""
+    import pyarrow.parquet as pq
+
+    manifest = read_manifest(path)
+    first: dict[str, str] = {}
+    for record in sorted(manifest["files"], key=lambda r: (r["category"], r["start"])):
+        first.setdefault(record["category"], record["path"])
+    out: dict[str, list[np.ndarray]] = {}
+    for category, relative in first.items():
+        fs, inner = arrow_filesystem(join(path, relative))
+        with fs.open_input_file(inner) as f:
+            table = pq.ParquetFile(f).read_row_group(0, columns=["image"]).slice(0, per_category)
+        out[category] = [decode_png(b) for b in table.column("image").combine_chunks().field("bytes").to_pylist()]
+    return out
