@@ -10,29 +10,74 @@ Row contract (what `train`, `encode` and `evaluate` consume):
     split       str      "train" or "val" (by patient, reproducible from a seed)
     source      str      where the ROI came from (file path or "phantom")
 
-Sources:
-    ``phantom`` / ``phantom:N``  procedural phantoms rendered in parallel (no files)
-    PATH or s3://...              a manifest (CSV or Parquet): path, margin, shape[, id, split, patient_id]
+Sources (``fmt``; ``auto`` picks by looking at ``data``):
+    ``phantom``    ``phantom`` / ``phantom:N``: procedural phantoms rendered in parallel (no
+                   files; lazy, the default for training).
+    ``manifest``   a CSV or Parquet table (a file, or a folder holding ``manifest.csv`` or
+                   ``manifest.parquet``), local or ``s3://``, with columns ``path, margin,
+                   shape`` and optional ``id, split, patient_id, mask_path``. Relative paths
+                   resolve against the manifest's folder. Images: PNG/JPEG/TIFF (8 or 16
+                   bit) or DICOM. This is what ``f2m-ray phantoms`` writes.
+    ``cbis-ddsm``  the CBIS-DDSM mass case-description CSVs plus the DICOM download
+                   (f2m_ray.cbis_ddsm: label policy and path resolution).
 
-The manifest table (paths and labels) is read on the driver; images are decoded in
-parallel by Ray Data, so the image set is never held by the driver.
+Labels go through one policy for both file formats (f2m_ray.cbis_ddsm.map_margin/map_shape:
+compound values map to their most suspicious component or are dropped, N/A and values
+outside the vocabulary are dropped); every dropped row is counted under its reason.
+
+ROI source (``roi_source``): ``cropped`` decodes the ROI image as it is (the manifest's
+``path``, CBIS-DDSM's cropped image); ``mask`` crops a square around the ROI mask from the
+full image with a margin (the manifest's ``mask_path`` over ``path``; CBIS-DDSM's ROI mask
+over the full mammogram). Then the windowing and resize rules of f2m_ray.images.
+
+Split: by patient (rows without a patient id are their own patient). The val patients are
+the ``round(val_fraction * patients)`` ones (at least one when there are two or more
+patients and val_fraction > 0, never all) whose sha256(seed:patient) ranks lowest:
+reproducible from the seed, independent of row order, and a patient keeps its split when
+others are added. A manifest's ``split`` column wins where it says train or val (``test``
+and ``validation`` count as val). Phantoms are one patient each and split by the same hash
+against val_fraction (each phantom independently, so rendering needs no global view).
+
+Reading: the table (paths and labels) is parsed on the driver; images are decoded in
+parallel by Ray Data tasks, and the decoded 64x64 rows are materialized in the object
+store (never in the driver), so that per-row problems (missing file, truncated DICOM,
+non-image file, empty mask) are counted in ``ReadResult.dropped`` before training starts.
+File-level problems (no such path, empty CSV, missing columns) and "nothing usable left"
+raise F2MError with one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
-from dataclasses import dataclass, field
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from f2m_ray import cbis_ddsm, images
 from f2m_ray.errors import F2MError
-from f2m_ray.labels import UnknownLabelError, canonical_margin, canonical_shape, margin_id, shape_id
+from f2m_ray.labels import MARGINS, SHAPES
 from f2m_ray.storage import filesystem, is_remote, join
 
-IMAGE_SIZE = 64
+IMAGE_SIZE = images.MODEL_SIZE
 PHANTOM_DEFAULT_N = 2000
 ROW_COLUMNS = ("roi_id", "image", "margin", "shape", "patient_id", "split", "source")
+FORMATS = ("auto", "manifest", "cbis-ddsm", "phantom")
+MANIFEST_NAMES = ("manifest.csv", "manifest.parquet")
+DECODE_BATCH = 8  # rows per decode call: full mammograms are tens of MB each
+MAX_DECODE_BLOCKS = 64
+HEADER_BYTES = 1 << 16  # enough for a DICOM header or an image header
+# Variables the storage layer reads. Shipped to decode tasks for remote sources, because the
+# workers of a Ray started earlier do not see variables the driver set afterwards.
+STORAGE_VARIABLES = (
+    "AWS_ENDPOINT_URL", "F2M_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+)
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "val"}
 
 
 @dataclass
@@ -40,29 +85,69 @@ class ReadResult:
     """A labeled dataset and what was left out on the way in."""
 
     dataset: "object"  # ray.data.Dataset with ROW_COLUMNS
-    rows: int  # rows kept (before image decoding problems, which are counted by the decoder)
-    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    rows: int  # usable rows in `dataset`
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows left out
     description: str = ""
+    per_category: dict[str, int] = field(default_factory=dict)  # 'margin-shape' -> usable rows
+    split_rows: dict[str, int] = field(default_factory=dict)  # 'train'/'val' -> usable rows
+    split_patients: dict[str, int] = field(default_factory=dict)  # 'train'/'val' -> patients
+    mapped: dict[str, int] = field(default_factory=dict)  # 'margin A-B -> b' -> rows (compound labels)
+    original_sizes: "np.ndarray | None" = None  # (rows, 2) int64: height, width before resizing
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> one affected path or value
+    format: str = ""
 
 
-def assign_split(patient_ids: list[str], val_fraction: float, seed: int) -> list[str]:
-    """'val' for a reproducible `val_fraction` of patients (hashing (seed, patient)), else 'train'."""
-    out = []
-    for pid in patient_ids:
-        digest = hashlib.sha256(f"{seed}:{pid}".encode()).digest()
-        u = int.from_bytes(digest[:8], "little") / 2**64
-        out.append("val" if u < val_fraction else "train")
-    return out
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How decode tasks turn files into 64x64 rows (travels to Ray tasks as a dict)."""
+
+    roi_source: str = "cropped"  # 'cropped': the ROI image as is; 'mask': crop around the mask
+    window: str = "auto"  # windowing rule, f2m_ray.images
+    mask_margin: float = images.DEFAULT_MASK_MARGIN  # context around the mask box, per side
+    size: int = IMAGE_SIZE  # output side in pixels
 
 
-def to_model_range(image: np.ndarray) -> np.ndarray:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
-    return image.astype(np.float32) / 127.5 - 1.0
+# ---------------------------------------------------------------- entry point
 
 
-def read_labeled(data: str = "phantom", fmt: str = "auto", val_fraction: float = 0.1, seed: int = 0) -> ReadResult:
-    """Open a labeled ROI source as a Ray Dataset with ROW_COLUMNS."""
-    if data == "phantom" or data.startswith("phantom:"):
+def read_labeled(
+    data: str = "phantom",
+    fmt: str = "auto",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    *,
+    roi_source: str = "cropped",
+    compound: str = "most-suspicious",
+    window: str = "auto",
+    mask_margin: float = images.DEFAULT_MASK_MARGIN,
+    image_root: str | None = None,
+) -> ReadResult:
+    """Open a labeled ROI source as a Ray Dataset with ROW_COLUMNS (see the module docstring).
+
+    roi_source: 'cropped' | 'mask'; compound: 'most-suspicious' | 'drop' (compound labels);
+    window: 'auto' | 'percentile' | 'bits'; mask_margin: context per side around the mask
+    box, as a fraction of its larger side; image_root: CBIS-DDSM only, where the DICOM
+    download lies (default: the CSV's folder).
+    """
+    if fmt not in FORMATS:
+        raise F2MError(f"unknown data format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise F2MError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if seed < 0:
+        raise F2MError(f"seed must be >= 0, got {seed}")
+    if roi_source not in cbis_ddsm.ROI_SOURCES:
+        raise F2MError(f"unknown ROI source {roi_source!r}; valid: {', '.join(cbis_ddsm.ROI_SOURCES)}")
+    if compound not in cbis_ddsm.COMPOUND_POLICIES:
+        raise F2MError(f"unknown compound-label policy {compound!r}; valid: {', '.join(cbis_ddsm.COMPOUND_POLICIES)}")
+    if window not in images.WINDOW_RULES:
+        raise F2MError(f"unknown window rule {window!r}; valid: {', '.join(images.WINDOW_RULES)}")
+    if not 0.0 <= mask_margin <= 2.0:
+        raise F2MError(f"mask_margin must be in [0, 2], got {mask_margin}")
+    data = str(data)
+    is_phantom = data == "phantom" or data.startswith("phantom:")
+    if fmt == "phantom" or (fmt == "auto" and is_phantom):
+        if not is_phantom:
+            raise F2MError(f"format phantom takes data 'phantom' or 'phantom:N', got {data!r}")
         n = PHANTOM_DEFAULT_N
         if ":" in data:
             try:
@@ -70,19 +155,86 @@ def read_labeled(data: str = "phantom", fmt: str = "auto", val_fraction: float =
             except ValueError:
                 raise F2MError(f"bad phantom source {data!r}; use phantom or phantom:N") from None
         return read_phantoms(n, seed=seed, val_fraction=val_fraction)
-    if fmt not in ("auto", "manifest"):
-        raise F2MError(f"unknown data format {fmt!r}; valid formats: auto, manifest")
-    return read_manifest(data, val_fraction=val_fraction, seed=seed)
+    options = DecodeOptions(roi_source=roi_source, window=window, mask_margin=mask_margin)
+    if fmt == "auto":
+        fmt = detect_format(data)
+    if fmt == "cbis-ddsm":
+        return read_cbis_ddsm(data, val_fraction, seed, options, compound, image_root)
+    return read_manifest(data, val_fraction, seed, options, compound)
+
+
+def detect_format(data: str) -> str:
+    """'manifest' or 'cbis-ddsm' for a path, by its name and the CSV header."""
+    fs, inner = filesystem(data)
+    if not fs.exists(inner):
+        raise F2MError(f"data path does not exist: {data}")
+    if fs.isdir(inner):
+        names = {p.rstrip("/").rsplit("/", 1)[-1].lower() for p in fs.ls(inner, detail=False)}
+        if names & set(MANIFEST_NAMES):
+            return "manifest"
+        if any(n.startswith(cbis_ddsm.CSV_GLOB_PREFIX) and n.endswith(".csv") for n in names):
+            return "cbis-ddsm"
+        raise F2MError(
+            f"no {' or '.join(MANIFEST_NAMES)} or {cbis_ddsm.CSV_GLOB_PREFIX}*.csv in {data}; "
+            "pass a manifest or CSV file, or --format"
+        )
+    if inner.lower().endswith(".parquet"):
+        return "manifest"
+    with fs.open(inner, "rb") as handle:
+        head = handle.read(HEADER_BYTES)
+    return "cbis-ddsm" if cbis_ddsm.is_cbis_csv(head) else "manifest"
+
+
+# ---------------------------------------------------------------- split
+
+
+def assign_split(patient_ids: list[str], val_fraction: float, seed: int) -> list[str]:
+    """'val' for a reproducible `val_fraction` of patients (hashing (seed, patient)), else 'train'.
+
+    Each id independently (used for phantoms, rendered in parallel)."""
+    out = []
+    for pid in patient_ids:
+        u = int.from_bytes(_patient_hash(seed, pid)[:8], "little") / 2**64
+        out.append("val" if u < val_fraction else "train")
+    return out
+
+
+def _patient_hash(seed: int, patient: str) -> bytes:
+    return hashlib.sha256(f"{seed}:{patient}".encode()).digest()
+
+
+def split_by_patient(patient_ids: list[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """patient -> 'train'/'val': the lowest-hashing round(val_fraction * n) patients are val."""
+    patients = sorted(set(patient_ids))
+    n = len(patients)
+    k = int(round(val_fraction * n))
+    if val_fraction > 0 and n >= 2:
+        k = min(max(k, 1), n - 1)
+    else:
+        k = min(k, max(n - 1, 0))
+    ranked = sorted(patients, key=lambda p: _patient_hash(seed, p))
+    val = set(ranked[:k])
+    return {p: ("val" if p in val else "train") for p in patients}
+
+
+# ---------------------------------------------------------------- phantoms
+
+
+def to_model_range(image: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return image.astype(np.float32) / 127.5 - 1.0
 
 
 def read_phantoms(n: int, seed: int = 0, val_fraction: float = 0.1) -> ReadResult:
     """Phantoms 0 .. n-1 of `seed`, rendered in parallel by Ray Data (one patient per phantom)."""
     import ray
 
-    from f2m_ray.phantom import DEFAULT_CATEGORIES
+    from f2m_ray.phantom import DEFAULT_CATEGORIES, phantom_category
+    from f2m_ray.runtime import ensure_ray
 
     if n < 2:
         raise F2MError(f"need at least 2 phantoms, got {n}")
+    ensure_ray()
 
     def render(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from f2m_ray.phantom import generate_phantoms
@@ -101,10 +253,49 @@ def read_phantoms(n: int, seed: int = 0, val_fraction: float = 0.1) -> ReadResul
         }
 
     dataset = ray.data.range(n, override_num_blocks=max(1, min(16, n // 250))).map_batches(render, batch_size=250)
-    return ReadResult(dataset, n, {}, f"{n} phantoms (seed {seed}, {len(DEFAULT_CATEGORIES)} categories)")
+    # The summary needs no rendering: categories take turns, splits hash the ids.
+    splits = Counter(assign_split([f"phantom-{i:06d}" for i in range(n)], val_fraction, seed))
+    per_category = Counter(phantom_category(i, DEFAULT_CATEGORIES).name for i in range(n))
+    return ReadResult(
+        dataset, n, {}, f"{n} phantoms (seed {seed}, {len(DEFAULT_CATEGORIES)} categories)",
+        per_category=dict(per_category), split_rows=dict(splits), split_patients=dict(splits),
+        original_sizes=np.full((n, 2), IMAGE_SIZE, dtype=np.int64), format="phantom",
+    )
 
 
-def _read_table(path: str):
+# ---------------------------------------------------------------- tables
+
+
+class _Drops:
+    """Counts of rows left out, by reason, with one example each."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.examples: dict[str, str] = {}
+
+    def add(self, reason: str, example: str = "", n: int = 1) -> None:
+        self.counts[reason] += n
+        if example and reason not in self.examples:
+            self.examples[reason] = example
+
+
+def _map_labels(margin_value, shape_value, compound: str, drops: _Drops, mapped: Counter, example: str):
+    """(margin id, shape id) or None (counted in drops); the margin is checked first."""
+    m, reason, note_m = cbis_ddsm.map_margin(margin_value, compound)
+    if reason:
+        drops.add(reason, example)
+        return None
+    s, reason, note_s = cbis_ddsm.map_shape(shape_value, compound)
+    if reason:
+        drops.add(reason, example)
+        return None
+    for note in (note_m, note_s):
+        if note:
+            mapped[note] += 1
+    return m, s
+
+
+def _read_manifest_table(path: str):
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -112,74 +303,334 @@ def _read_table(path: str):
     if not fs.exists(inner):
         raise F2MError(f"data path does not exist: {path}")
     if fs.isdir(inner):
-        inner = join(inner, "manifest.csv") if not is_remote(path) else inner.rstrip("/") + "/manifest.csv"
-        path = join(path, "manifest.csv")
-        if not fs.exists(inner):
-            raise F2MError(f"no manifest.csv in {path.rsplit('/', 1)[0]}")
-    with fs.open(inner, "rb") as f:
-        raw = f.read()
+        for name in MANIFEST_NAMES:
+            if fs.exists(inner.rstrip("/") + "/" + name):
+                path, inner = join(path, name), inner.rstrip("/") + "/" + name
+                break
+        else:
+            raise F2MError(f"no {' or '.join(MANIFEST_NAMES)} in {path}")
+    with fs.open(inner, "rb") as handle:
+        raw = handle.read()
+    if not raw.strip():
+        raise F2MError(f"manifest {path} is empty")
     try:
-        if path.endswith(".parquet"):
+        if path.lower().endswith(".parquet"):
             return pq.read_table(io.BytesIO(raw)), path
-        return pacsv.read_csv(io.BytesIO(raw), convert_options=pacsv.ConvertOptions(strings_can_be_null=False)), path
+        return pacsv.read_csv(
+            io.BytesIO(raw),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
+        ), path
     except Exception as err:  # pyarrow raises ArrowInvalid and friends for malformed files
-        raise F2MError(f"cannot read manifest {path}: {str(err).splitlines()[0]}") from None
+        raise F2MError(f"cannot read manifest {path}: {str(err).strip().splitlines()[0]}") from None
 
 
-def read_manifest(path: str, val_fraction: float = 0.1, seed: int = 0) -> ReadResult:
+def _text(value) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def read_manifest(
+    path: str,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    options: DecodeOptions = DecodeOptions(),
+    compound: str = "most-suspicious",
+) -> ReadResult:
     """A manifest of labeled ROI images: relative paths resolve against the manifest's folder."""
-    import ray
-
-    table, manifest_path = _read_table(path)
-    missing = [c for c in ("path", "margin", "shape") if c not in table.column_names]
+    table, manifest_path = _read_manifest_table(path)
+    required = ["path", "margin", "shape"] + (["mask_path"] if options.roi_source == "mask" else [])
+    missing = [c for c in required if c not in table.column_names]
     if missing:
         raise F2MError(f"manifest {manifest_path} is missing column(s): {', '.join(missing)}")
     base = manifest_path.rsplit("/", 1)[0] if "/" in manifest_path else "."
-    cols = {c: [str(v) if v is not None else "" for v in table.column(c).to_pylist()] for c in table.column_names}
+    columns = {c: table.column(c).to_pylist() for c in table.column_names}
     n = table.num_rows
-    ids = cols.get("id") or [f"roi-{i:06d}" for i in range(n)]
-    patients = cols.get("patient_id") or ids
-    dropped: dict[str, int] = {}
-    keep = []
+    drops, mapped, seen = _Drops(), Counter(), set()
+
+    def resolve(rel: str) -> str:
+        return rel if (is_remote(rel) or os.path.isabs(rel)) else join(base, rel)
+
+    jobs = []
     for i in range(n):
-        try:
-            m, s = margin_id(cols["margin"][i]), shape_id(cols["shape"][i])
-        except UnknownLabelError:
-            reason = f"unknown label {cols['margin'][i]}/{cols['shape'][i]}"
-            dropped[reason] = dropped.get(reason, 0) + 1
+        rel = _text(columns["path"][i])
+        roi_id = _text(columns["id"][i]) if "id" in columns else ""
+        roi_id = roi_id or f"roi-{i:06d}"
+        example = f"row {i + 1} ({rel or roi_id})"
+        if roi_id in seen:
+            drops.add("duplicate id", example)
             continue
-        rel = cols["path"][i].strip()
-        full = rel if (is_remote(rel) or rel.startswith("/")) else join(base, rel)
-        keep.append((ids[i], full, m, s, patients[i], (cols.get("split") or [""] * n)[i].strip().lower()))
-    if not keep:
-        raise F2MError(f"no usable rows in {manifest_path} (dropped: {dropped or 'empty manifest'})")
-    # An explicit split column wins where it says train or val; other rows split by patient.
-    hashed = assign_split([k[4] for k in keep], val_fraction, seed)
-    split_values = [k[5] if k[5] in ("train", "val") else h for k, h in zip(keep, hashed)]
-    items = [
-        {"roi_id": rid, "path": p, "margin": m, "shape": s, "patient_id": pid, "split": sp}
-        for (rid, p, m, s, pid, _), sp in zip(keep, split_values)
-    ]
-    dataset = ray.data.from_items(items).map_batches(_decode_images, batch_size=256)
-    return ReadResult(dataset, len(items), dropped, f"{len(items)} ROIs from {manifest_path}")
+        labels = _map_labels(columns["margin"][i], columns["shape"][i], compound, drops, mapped, example)
+        if labels is None:
+            continue
+        if not rel:
+            drops.add("path missing", example)
+            continue
+        seen.add(roi_id)
+        patient = _text(columns["patient_id"][i]) if "patient_id" in columns else ""
+        stated = SPLIT_ALIASES.get(_text(columns["split"][i]).lower(), "") if "split" in columns else ""
+        mask = _text(columns["mask_path"][i]) if "mask_path" in columns else ""
+        if options.roi_source == "mask":
+            if not mask:
+                drops.add("mask path missing", example)
+                continue
+            crop_files, mask_files, image_files = "", resolve(mask), resolve(rel)
+        else:
+            crop_files, mask_files, image_files = resolve(rel), "", ""
+        jobs.append({
+            "roi_id": roi_id, "margin": labels[0], "shape": labels[1],
+            "patient_id": patient or roi_id, "split": stated,
+            "crop_files": crop_files, "mask_files": mask_files, "image_files": image_files,
+        })
+    if not jobs:
+        detail = _drop_summary(drops.counts) if drops.counts else "the manifest has no rows"
+        raise F2MError(f"no usable rows in {manifest_path} ({detail})")
+    return _decode(jobs, drops, mapped, val_fraction, seed, options, f"manifest {manifest_path}", "manifest")
 
 
-def _decode_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from PIL import Image
+def read_cbis_ddsm(
+    path: str,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    options: DecodeOptions = DecodeOptions(),
+    compound: str = "most-suspicious",
+    image_root: str | None = None,
+) -> ReadResult:
+    """CBIS-DDSM mass CSV(s) plus the DICOM download (f2m_ray.cbis_ddsm)."""
+    csvs = cbis_ddsm.csv_files(path)
+    rows: list[tuple[str, dict]] = []
+    for csv_path in csvs:
+        rows.extend((csv_path, r) for r in cbis_ddsm.read_case_rows(csv_path, options.roi_source))
+    if not rows:
+        raise F2MError(f"no rows in {', '.join(csvs)} (header only)")
+    if image_root is None:
+        fs, inner = filesystem(path)
+        image_root = path if fs.isdir(inner) else (path.rsplit("/", 1)[0] if "/" in path else ".")
+    index = cbis_ddsm.DicomIndex.build(image_root)
+    drops, mapped, seen = _Drops(), Counter(), set()
+    jobs = []
+    for number, (csv_path, row) in enumerate(rows, start=1):
+        crop_cell = row.get(cbis_ddsm.CROPPED_PATH, "")
+        roi_id = cbis_ddsm.case_id(crop_cell if options.roi_source == "cropped" else row[cbis_ddsm.MASK_PATH])
+        example = f"{csv_path.rsplit('/', 1)[-1]} row {number} ({roi_id or 'no path'})"
+        if not roi_id:
+            drops.add("ROI path missing", example)
+            continue
+        if roi_id in seen:
+            drops.add("duplicate ROI (same case folder twice)", example)
+            continue
+        labels = _map_labels(row[cbis_ddsm.MARGIN], row[cbis_ddsm.SHAPE], compound, drops, mapped, example)
+        if labels is None:
+            continue
+        files: dict[str, str] = {"crop_files": "", "mask_files": "", "image_files": ""}
+        wanted = (
+            [("crop_files", crop_cell, "crop")]
+            if options.roi_source == "cropped"
+            else [("mask_files", row[cbis_ddsm.MASK_PATH], "mask"), ("image_files", row[cbis_ddsm.IMAGE_PATH], "full")]
+        )
+        problem = None
+        for key, cell, role in wanted:
+            candidates, problem = index.resolve(cell, role)
+            if problem:
+                drops.add(problem, f"{example}: {cbis_ddsm.case_id(cell)}")
+                break
+            files[key] = "\n".join(candidates)
+        if problem:
+            continue
+        seen.add(roi_id)
+        patient = _text(row.get(cbis_ddsm.PATIENT, "")) or roi_id
+        jobs.append({"roi_id": roi_id, "margin": labels[0], "shape": labels[1],
+                     "patient_id": patient, "split": "", **files})
+    where = ", ".join(csvs)
+    if not jobs:
+        hint = ""
+        if not index.cases:
+            hint = f"; no CBIS-DDSM case folders (like Mass-Training_P_00001_LEFT_CC_1) under {image_root}"
+        raise F2MError(f"no usable rows in {where} ({_drop_summary(drops.counts)}{hint})")
+    return _decode(jobs, drops, mapped, val_fraction, seed, options, f"CBIS-DDSM {where}", "cbis-ddsm")
 
-    images = []
-    for p in batch["path"]:
-        fs, inner = filesystem(str(p))
-        with fs.open(inner, "rb") as f:
-            img = Image.open(io.BytesIO(f.read())).convert("L")
-        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-        images.append(to_model_range(np.asarray(img)))
-    return {
-        "roi_id": batch["roi_id"],
-        "image": np.stack(images),
-        "margin": batch["margin"].astype(np.int64),
-        "shape": batch["shape"].astype(np.int64),
-        "patient_id": batch["patient_id"],
-        "split": batch["split"],
-        "source": batch["path"],
-    }
+
+# ---------------------------------------------------------------- decoding in Ray Data
+
+
+def _drop_summary(counts: dict) -> str:
+    return "dropped: " + ", ".join(f"{reason} x{n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _storage_environment(jobs: list[dict]) -> dict[str, str]:
+    remote = any(
+        is_remote(p) for job in jobs for key in ("crop_files", "mask_files", "image_files")
+        for p in job[key].split("\n") if p
+    )
+    return {k: os.environ[k] for k in STORAGE_VARIABLES if remote and k in os.environ}
+
+
+@contextlib.contextmanager
+def quiet_ray_data():
+    """Ray Data's per-dataset INFO lines (progress, without a terminal) off while reading; restored after."""
+    import logging
+
+    import ray.data  # noqa: F401  (importing it configures its loggers: do that first)
+
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _decode(jobs, drops: _Drops, mapped: Counter, val_fraction, seed, options: DecodeOptions,
+            what: str, fmt: str) -> ReadResult:
+    import ray
+
+    from f2m_ray.runtime import ensure_ray
+
+    split_of = split_by_patient([j["patient_id"] for j in jobs], val_fraction, seed)
+    for job in jobs:
+        job["split"] = job["split"] or split_of[job["patient_id"]]
+    ensure_ray()
+    option_dict, environment = asdict(options), _storage_environment(jobs)
+
+    def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        opts = DecodeOptions(**option_dict)
+        n = len(batch["roi_id"])
+        out_images = np.zeros((n, opts.size, opts.size), dtype=np.float32)
+        problems, sources = [""] * n, [""] * n
+        sizes = np.zeros((n, 2), dtype=np.int64)
+        with _environment(environment):
+            for i in range(n):
+                try:
+                    image, source, size = _load_roi(
+                        str(batch["crop_files"][i]), str(batch["mask_files"][i]), str(batch["image_files"][i]), opts
+                    )
+                    out_images[i], sources[i], sizes[i] = image, source, size
+                except images.ImageProblem as err:
+                    problems[i] = err.reason
+                    sources[i] = _first(batch["crop_files"][i] or batch["mask_files"][i])
+                except Exception as err:  # one bad file must not stop the run: count it
+                    problems[i] = f"unreadable image ({type(err).__name__})"
+                    sources[i] = _first(batch["crop_files"][i] or batch["mask_files"][i])
+        return {
+            "roi_id": batch["roi_id"],
+            "image": out_images,
+            "margin": batch["margin"].astype(np.int64),
+            "shape": batch["shape"].astype(np.int64),
+            "patient_id": batch["patient_id"],
+            "split": batch["split"],
+            "source": np.array(sources, dtype=object),
+            "problem": np.array(problems, dtype=object),
+            "height": sizes[:, 0],
+            "width": sizes[:, 1],
+        }
+
+    def keep_usable(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["problem"] == ""
+        return {c: batch[c][ok] for c in ROW_COLUMNS}
+
+    blocks = max(1, min(len(jobs), MAX_DECODE_BLOCKS))
+    with quiet_ray_data():
+        decoded = (
+            ray.data.from_items(jobs, override_num_blocks=blocks)
+            .map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy")
+            .materialize()
+        )
+        meta = decoded.select_columns(
+            ["roi_id", "margin", "shape", "patient_id", "split", "source", "problem", "height", "width"]
+        ).to_pandas()
+        for reason, source in zip(meta["problem"], meta["source"]):
+            if reason:
+                drops.add(reason, str(source))
+        usable = meta[meta["problem"] == ""]
+        if usable.empty:
+            raise F2MError(f"nothing usable in {what} ({_drop_summary(drops.counts)})")
+        dataset = decoded.map_batches(keep_usable, batch_format="numpy").materialize()
+    categories = Counter(f"{MARGINS[m]}-{SHAPES[s]}" for m, s in zip(usable["margin"], usable["shape"]))
+    split_rows = Counter(usable["split"])
+    split_patients = Counter(usable.drop_duplicates(["patient_id", "split"])["split"])
+    n = len(usable)
+    return ReadResult(
+        dataset, n, dict(drops.counts),
+        f"{n} ROIs from {what}" + (f" ({sum(drops.counts.values())} rows dropped)" if drops.counts else ""),
+        per_category=dict(sorted(categories.items())), split_rows=dict(split_rows),
+        split_patients=dict(split_patients), mapped=dict(mapped),
+        original_sizes=usable[["height", "width"]].to_numpy(dtype=np.int64),
+        examples=dict(drops.examples), format=fmt,
+    )
+
+
+def _first(files) -> str:
+    return str(files).split("\n", 1)[0]
+
+
+# ---------------------------------------------------------------- one ROI (runs in Ray tasks)
+
+
+def _read(path: str, head_only: bool = False) -> bytes:
+    fs, inner = filesystem(path)
+    try:
+        with fs.open(inner, "rb", **({"block_size": HEADER_BYTES} if head_only and is_remote(path) else {})) as handle:
+            return handle.read(HEADER_BYTES) if head_only else handle.read()
+    except FileNotFoundError:
+        raise images.ImageProblem(images.MISSING_FILE, path) from None
+    except IsADirectoryError:
+        raise images.ImageProblem(images.NOT_AN_IMAGE, path) from None
+
+
+def _by_area(paths: list[str], largest_first: bool) -> list[str]:
+    """Candidates ordered by pixel area from their headers (files without a readable header last)."""
+    if len(paths) < 2:
+        return paths
+    areas = []
+    for p in paths:
+        size = images.header_size(_read(p, head_only=True), p)
+        areas.append(size[0] * size[1] if size else None)
+    known = sorted((a, i) for i, a in enumerate(areas) if a is not None)
+    if largest_first:
+        known.reverse()
+    return [paths[i] for _, i in known] + [p for p, a in zip(paths, areas) if a is None]
+
+
+def _pick(files: str, role: str) -> tuple[str, images.Pixels]:
+    """The candidate that plays `role` ('crop', 'mask' or 'full') and its pixels, by content:
+    a mask is binary; the crop is the smallest non-binary image, the full image the largest."""
+    candidates = [p for p in files.split("\n") if p]
+    for path in _by_area(candidates, largest_first=role != "crop"):
+        pixels = images.decode(_read(path), path)
+        if images.is_binary(pixels.array) == (role == "mask"):
+            return path, pixels
+    raise images.ImageProblem({"crop": images.ONLY_MASKS, "mask": images.NO_MASK, "full": images.NO_FULL_IMAGE}[role])
+
+
+def _load_roi(crop_files: str, mask_files: str, image_files: str, opts: DecodeOptions):
+    """-> (image float32 (size, size) in [-1, 1], source path, (height, width) before resizing)."""
+    if opts.roi_source == "cropped":
+        candidates = [p for p in crop_files.split("\n") if p]
+        if len(candidates) == 1:  # one named file: whatever it holds is the ROI
+            path = candidates[0]
+            pixels = images.decode(_read(path), path)
+        else:
+            path, pixels = _pick(crop_files, "crop")
+    else:
+        mask_path, mask = _pick(mask_files, "mask")
+        path, pixels = _pick(image_files, "full")
+        if mask.array.shape != pixels.array.shape:
+            raise images.ImageProblem(images.MASK_SIZE_MISMATCH, f"{mask.array.shape} vs {pixels.array.shape}")
+        top, left, side = images.mask_window(mask.array, opts.mask_margin)
+        pixels = images.Pixels(images.crop_window(pixels.array, top, left, side), pixels.bits, pixels.description)
+    height, width = pixels.array.shape
+    return images.model_image(pixels, opts.window, opts.size), path, (height, width)
