@@ -51,9 +51,7 @@ def check(source: str, fmt: str, roi_source: str, compound: str, window: str, ma
             click.echo(f"{key:13s} {value}")
         return
     from f2m_ray.readers import quiet_ray_data, read_labeled
-    from f2m_ray.runtime import ensure_ray
 
-    ensure_ray(log_to_driver=False)
     result = read_labeled(
         source, fmt, val_fraction, seed, roi_source=roi_source, compound=compound, window=window,
         mask_margin=mask_margin, image_root=image_root,

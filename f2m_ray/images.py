@@ -198,7 +198,8 @@ def window(pixels: Pixels | np.ndarray, rule: str = "auto", bits: int | None = N
     if rule == "auto":
         rule = "bits" if array.dtype == np.uint8 else "percentile"
     if rule == "bits" and bits > 0:
-        return np.clip(x * (2.0 / float((1 << bits) - 1)) - 1.0, -1.0, 1.0)
+        # Divide by half the range (127.5 for 8 bits): bit-identical to the phantoms' own map.
+        return np.clip(x / np.float32(((1 << bits) - 1) / 2.0) - 1.0, -1.0, 1.0)
     lo, hi = np.percentile(x, PERCENTILES)
     if hi <= lo:
         return np.full(x.shape, -1.0, dtype=np.float32)
