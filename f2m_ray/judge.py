@@ -1,0 +1,493 @@
+"""The independent judge: a small CNN that tells a mass's margin and shape.
+
+It measures the GAN and never learns from it: trained on real labeled ROIs only, with
+its own architecture and weights (nothing shared with D1/D2), it scores label fidelity
+(does a synthetic "spiculated" mass look spiculated?), embeds masses for the realism,
+coverage and memorization metrics (``features``: the penultimate layer), and gives
+synthesis its label-confidence score.
+
+    Judge       (B, 1, 64, 64) in [-1, 1]
+                -> stem conv 3x3 (stride 1) -> 4 convs 3x3 stride 2 (64 -> 4), BN + ReLU each
+                -> FC -> ReLU -> features (B, feature_dim)
+                -> dropout -> margin head (B, n_margins), shape head (B, n_shapes)
+
+The same architecture, freshly initialised, is the "usefulness" classifier of `evaluate`.
+
+Directory format (like f2m_ray.checkpoint, and read with its helpers):
+
+    JUDGE/
+      f2m_judge.json   format, version, tool version, judge config, training config,
+                       vocabulary, judge id (weights hash), data, held-out report
+      judge.pt         the state dict (tensors only; torch.load(weights_only=True))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from f2m_ray import __version__
+from f2m_ray.augment import augment
+from f2m_ray.checkpoint import model_id, read_format_metadata, read_torch, strip_ddp, write_torch
+from f2m_ray.config import _build as build_dataclass
+from f2m_ray.errors import F2MError
+from f2m_ray.labels import MARGINS, SHAPES, check_vocabulary, vocabulary
+from f2m_ray.metrics import head_accuracies
+from f2m_ray.storage import filesystem, join
+
+FORMAT = "f2m-ray-judge"
+FORMAT_VERSION = 1
+META_FILE = "f2m_judge.json"
+WEIGHTS_FILE = "judge.pt"
+PREDICT_BATCH = 512  # images per forward pass when scoring
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """The judge's network."""
+
+    image_size: int = 64  # input side; four stride-2 convs bring 64 down to 4
+    stem_channels: int = 8  # the stride-1 conv at full resolution: margins live in fine edge detail
+    channels: tuple[int, ...] = (16, 32, 64, 128)  # stride-2 conv widths: 64 -> 32 -> 16 -> 8 -> 4
+    feature_dim: int = 128  # width of the penultimate layer: the embedding of every metric
+    dropout: float = 0.3  # before the heads only, so that `features` are deterministic in eval
+    n_margins: int = len(MARGINS)  # margin head classes (f2m_ray.labels)
+    n_shapes: int = len(SHAPES)  # shape head classes
+
+    def __post_init__(self) -> None:
+        if self.image_size % 2 ** len(self.channels):
+            raise F2MError(f"image_size {self.image_size} must be divisible by 2**{len(self.channels)}")
+
+
+@dataclass(frozen=True)
+class JudgeTrainConfig:
+    """Optimisation of the judge (and of the usefulness classifiers of `evaluate`)."""
+
+    epochs: int = 30  # passes over the training rows (ignored when `steps` > 0)
+    steps: int = 0  # > 0: exactly this many optimizer steps, whatever the data size
+    batch_size: int = 64  # global batch, split over workers
+    lr: float = 1e-3  # AdamW peak learning rate, cosine decay to 0
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    flips: bool = True  # random horizontal and vertical flips (a mass has no orientation)
+    crop_padding: int = 4  # random shifts up to this many pixels (reflect padding)
+    val_fraction: float = 0.1  # held-out share of patients (same split rule as `train`)
+    seed: int = 0  # seeds the split, the initialisation, batch order and augmentation
+
+
+class Judge(nn.Module):
+    """Two heads on one CNN: (B, 1, H, W) -> margin logits (B, n_margins), shape logits (B, n_shapes)."""
+
+    def __init__(self, cfg: JudgeConfig):
+        super().__init__()
+        self.cfg = cfg
+        layers: list[nn.Module] = [
+            nn.Conv2d(1, cfg.stem_channels, 3, 1, 1),
+            nn.BatchNorm2d(cfg.stem_channels),
+            nn.ReLU(),
+        ]
+        width = cfg.stem_channels
+        for out in cfg.channels:
+            layers += [nn.Conv2d(width, out, 3, 2, 1), nn.BatchNorm2d(out), nn.ReLU()]
+            width = out
+        self.convs = nn.Sequential(*layers)
+        side = cfg.image_size // 2 ** len(cfg.channels)
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(width * side * side, cfg.feature_dim), nn.ReLU())
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.margin_head = nn.Linear(cfg.feature_dim, cfg.n_margins)
+        self.shape_head = nn.Linear(cfg.feature_dim, cfg.n_shapes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The penultimate embedding: (B, 1, H, W) or (B, H, W) -> (B, feature_dim)."""
+        if images.dim() == 3:
+            images = images[:, None]
+        return self.embed(self.convs(images))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.dropout(self.features(images))  # (B, feature_dim)
+        return self.margin_head(h), self.shape_head(h)
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class LabeledArrays:
+    """Labeled ROIs as arrays on one machine, sorted by roi_id (Ray Data's order is not stable)."""
+
+    roi_id: np.ndarray  # (N,) str
+    images: np.ndarray  # (N, 64, 64) float32 in [-1, 1]
+    margin: np.ndarray  # (N,) int64
+    shape: np.ndarray  # (N,) int64
+    split: np.ndarray  # (N,) str: "train" / "val"
+
+    def __len__(self) -> int:
+        return len(self.roi_id)
+
+    def subset(self, rows: np.ndarray) -> "LabeledArrays":
+        return LabeledArrays(self.roi_id[rows], self.images[rows], self.margin[rows], self.shape[rows], self.split[rows])
+
+    def where_split(self, split: str) -> "LabeledArrays":
+        return self.subset(np.flatnonzero(self.split == split))
+
+
+def collect_labeled(dataset) -> LabeledArrays:
+    """A Ray Dataset with the readers' row contract -> LabeledArrays (small sets: a few thousand ROIs)."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("roi_id", "image", "margin", "shape", "split")}
+    for batch in dataset.iter_batches(batch_size=1024, batch_format="numpy"):
+        for key in parts:
+            parts[key].append(np.asarray(batch[key]))
+    if not parts["roi_id"]:
+        raise F2MError("the labeled data source produced no rows")
+    roi_id = np.concatenate(parts["roi_id"]).astype(str)
+    order = np.argsort(roi_id, kind="stable")
+    return LabeledArrays(
+        roi_id=roi_id[order],
+        images=np.concatenate(parts["image"]).astype(np.float32)[order],
+        margin=np.concatenate(parts["margin"]).astype(np.int64)[order],
+        shape=np.concatenate(parts["shape"]).astype(np.int64)[order],
+        split=np.concatenate(parts["split"]).astype(str)[order],
+    )
+
+
+# ---------------------------------------------------------------- training
+
+
+def fit(
+    model: nn.Module,
+    images: np.ndarray,
+    margins: np.ndarray,
+    shapes: np.ndarray,
+    config: JudgeTrainConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """Train `model` (a Judge, or its DDP wrapper) on (N, 64, 64) images with margin and shape ids.
+
+    Every rank draws the same global batches from one seeded generator and trains on its
+    slice ``batch[rank::world_size]``, so the batch order (and, up to float reduction order,
+    the result) does not depend on the number of workers. Returns the last epoch's mean loss
+    and the number of steps.
+    """
+    n = len(images)
+    if n == 0:
+        raise F2MError("no training rows for the classifier")
+    steps_per_epoch = max(1, math.ceil(n / config.batch_size))
+    total_steps = config.steps if config.steps > 0 else config.epochs * steps_per_epoch
+    images_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]  # (N, 1, H, W)
+    margins_t = torch.from_numpy(np.asarray(margins, dtype=np.int64))
+    shapes_t = torch.from_numpy(np.asarray(shapes, dtype=np.int64))
+    order_generator = torch.Generator().manual_seed(config.seed + 1)
+    augment_generator = torch.Generator().manual_seed(config.seed + 2 + rank)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    model.train()
+    step, epoch, last_loss = 0, 0, float("nan")
+    while step < total_steps:
+        permutation = torch.randperm(n, generator=order_generator)
+        losses = []
+        for start in range(0, n, config.batch_size):
+            if step >= total_steps:
+                break
+            batch = permutation[start : start + config.batch_size]
+            if len(batch) < 2 * world_size:  # a tiny tail batch: every rank skips it alike (BatchNorm needs 2)
+                continue
+            rows = batch[rank::world_size]
+            x = augment(images_t[rows], config.flips, config.crop_padding, augment_generator).to(device)
+            margin_logits, shape_logits = model(x)
+            # Both heads weigh the same: the metrics report them side by side.
+            loss = F.cross_entropy(margin_logits, margins_t[rows].to(device)) + F.cross_entropy(
+                shape_logits, shapes_t[rows].to(device)
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            losses.append(loss.item())
+            if progress and (step % 20 == 0 or step == total_steps):
+                progress(step, total_steps, "steps")
+        epoch += 1
+        last_loss = float(np.mean(losses)) if losses else last_loss
+        if on_epoch:
+            on_epoch(epoch, last_loss)
+    model.eval()
+    return {"loss": last_loss, "steps": step, "epochs": epoch}
+
+
+def new_judge(config: JudgeConfig, seed: int) -> Judge:
+    """A freshly initialised judge; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    return Judge(config)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    margin_probs: np.ndarray  # (N, n_margins)
+    shape_probs: np.ndarray  # (N, n_shapes)
+    features: np.ndarray  # (N, feature_dim) float32
+
+    @property
+    def margin(self) -> np.ndarray:
+        return self.margin_probs.argmax(axis=1)
+
+    @property
+    def shape(self) -> np.ndarray:
+        return self.shape_probs.argmax(axis=1)
+
+
+def predict(model: Judge, images: np.ndarray, batch_size: int = PREDICT_BATCH,
+            progress: Progress | None = None) -> Predictions:
+    """Class probabilities and features for (N, 64, 64) images in [-1, 1], in eval mode."""
+    model = getattr(model, "module", model)  # a DDP wrapper's inner judge
+    model.eval()
+    device = next(model.parameters()).device
+    margin, shape, features = [], [], []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32))
+            h = model.features(x.to(device))  # (B, feature_dim)
+            margin.append(torch.softmax(model.margin_head(h), dim=1).cpu().numpy())
+            shape.append(torch.softmax(model.shape_head(h), dim=1).cpu().numpy())
+            features.append(h.float().cpu().numpy())
+            if progress:
+                progress(min(start + batch_size, len(images)), len(images), "images")
+    if not margin:
+        cfg = model.cfg
+        return Predictions(np.zeros((0, cfg.n_margins)), np.zeros((0, cfg.n_shapes)), np.zeros((0, cfg.feature_dim), np.float32))
+    return Predictions(np.concatenate(margin), np.concatenate(shape), np.concatenate(features))
+
+
+def label_confidence(model: Judge, images: np.ndarray, margin_ids: np.ndarray, shape_ids: np.ndarray) -> np.ndarray:
+    """The judge's probability of each image's target margin *and* shape: p(m | x) * p(s | x), (N,) float32.
+
+    The heads are read as independent given the image, so the joint probability is the
+    product; a mass whose target margin and shape both get 0.95 scores about 0.90.
+    """
+    predictions = predict(model, images)
+    rows = np.arange(len(images))
+    joint = predictions.margin_probs[rows, np.asarray(margin_ids)] * predictions.shape_probs[rows, np.asarray(shape_ids)]
+    return joint.astype(np.float32)
+
+
+def evaluate_heads(model: Judge, data: LabeledArrays) -> dict[str, float]:
+    """Head accuracies of `model` on labeled rows."""
+    predictions = predict(model, data.images)
+    return head_accuracies(predictions.margin, predictions.shape, data.margin, data.shape)
+
+
+def majority_baseline(train: LabeledArrays, test: LabeledArrays) -> dict[str, float]:
+    """Accuracy of always answering the training set's most common class (what 'chance' means here)."""
+    margin = int(np.bincount(train.margin).argmax())
+    shape = int(np.bincount(train.shape).argmax())
+    return head_accuracies(np.full(len(test), margin), np.full(len(test), shape), test.margin, test.shape)
+
+
+def train_judge(
+    data: LabeledArrays,
+    config: JudgeConfig = JudgeConfig(),
+    train_config: JudgeTrainConfig = JudgeTrainConfig(),
+    progress: Progress | None = None,
+) -> tuple[Judge, dict[str, Any]]:
+    """Train a judge in this process on the rows of split "train"; report accuracy on split "val"."""
+    train, val = data.where_split("train"), data.where_split("val")
+    if len(train) == 0:
+        raise F2MError("no training rows (split 'train') for the judge")
+    started = time.perf_counter()
+    model = new_judge(config, train_config.seed)
+    result = fit(model, train.images, train.margin, train.shape, train_config, progress=progress)
+    report = judge_report(model, train, val, result, time.perf_counter() - started)
+    return model, report
+
+
+def judge_report(model: Judge, train: LabeledArrays, val: LabeledArrays, result: dict[str, float],
+                 seconds: float) -> dict[str, Any]:
+    """What the judge's metadata says about it: sizes, held-out and training accuracy, chance."""
+    return {
+        "train_rows": int(len(train)),
+        "val_rows": int(len(val)),
+        "steps": int(result["steps"]),
+        "epochs": int(result["epochs"]),
+        "final_loss": float(result["loss"]),
+        "seconds": round(float(seconds), 1),
+        "train_accuracy": evaluate_heads(model, train),
+        "val_accuracy": evaluate_heads(model, val) if len(val) else None,
+        "val_majority_accuracy": majority_baseline(train, val) if len(val) else None,
+    }
+
+
+# ---------------------------------------------------------------- Ray Train
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    """Per-worker loop of `train_judge_on_ray`: DDP over the workers, rank 0 writes the judge."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from f2m_ray.train import threads_per_worker
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type != "cuda":
+        torch.set_num_threads(threads_per_worker(context.get_local_world_size()))
+    config = build_dataclass(JudgeConfig, loop_config["config"])
+    train_config = build_dataclass(JudgeTrainConfig, loop_config["train_config"])
+    data: LabeledArrays = ray.get(loop_config["data"])
+    train, val = data.where_split("train"), data.where_split("val")
+    started = time.perf_counter()
+    model = ray.train.torch.prepare_model(new_judge(config, train_config.seed))
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        if rank == 0 and (epoch % 5 == 0 or epoch == train_config.epochs):
+            print(f"judge epoch {epoch}/{train_config.epochs}: loss {loss:.3f}", flush=True)
+
+    result = fit(model, train.images, train.margin, train.shape, train_config, rank, world_size, device, on_epoch=on_epoch)
+    judge = getattr(model, "module", model).cpu()
+    if rank == 0:
+        report = judge_report(judge, train, val, result, time.perf_counter() - started)
+        save_judge(loop_config["out"], judge, train_config, report, loop_config.get("data_description", ""))
+    ray.train.report({"loss": result["loss"]})
+
+
+def train_judge_on_ray(
+    data: LabeledArrays,
+    out: str,
+    config: JudgeConfig = JudgeConfig(),
+    train_config: JudgeTrainConfig = JudgeTrainConfig(),
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    data_description: str = "",
+) -> dict[str, Any]:
+    """Train a judge with Ray Train (TorchTrainer, DDP over `num_workers`); rank 0 writes it to `out`.
+
+    Same conventions as `f2m_ray.train`: resources per worker, torch threads per worker, S3
+    settings forwarded to the workers, a worker's F2MError surfaced as one line. Returns the
+    judge's report (held-out accuracy), read back from what rank 0 wrote. The labeled arrays
+    travel once through the object store; every worker trains on its slice of each batch.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from f2m_ray.train import _unwrap_training_error, _worker_env, check_resources, cpu_per_worker
+
+    check_resources(num_workers, use_gpu, dict(ray.cluster_resources()))
+    if len(data.where_split("train")) < 2 * num_workers:
+        raise F2MError(f"{len(data.where_split('train'))} training rows are too few for {num_workers} workers")
+    loop_config = {
+        "config": asdict(config),
+        "train_config": asdict(train_config),
+        "data": ray.put(data),
+        "out": out,
+        "data_description": data_description,
+    }
+    resources = {"CPU": cpu_per_worker(use_gpu), **({"GPU": 1} if use_gpu else {})}
+    # Ray Train keeps its run state under storage_path; nothing of it is needed afterwards.
+    with tempfile.TemporaryDirectory(prefix="f2m-judge-") as run_root:
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name="judge",
+                storage_path=run_root,
+                worker_runtime_env={"env_vars": _worker_env()},
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            ),
+        )
+        try:
+            trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            inner = _unwrap_training_error(err)
+            if isinstance(inner, F2MError):
+                raise F2MError(str(inner)) from None
+            first = (str(inner).strip().splitlines() or [""])[0]
+            raise F2MError(f"judge training failed: {type(inner).__name__}: {first}") from None
+    return read_judge_metadata(out)["report"]
+
+
+# ---------------------------------------------------------------- save and load
+
+
+@dataclass
+class LoadedJudge:
+    path: str
+    model: Judge  # eval mode, on the CPU
+    config: JudgeConfig
+    train_config: JudgeTrainConfig
+    judge_id: str  # hash of the weights
+    report: dict[str, Any] = field(default_factory=dict)
+    data: str = ""  # the labeled data it was trained on
+
+
+def save_judge(directory: str, model: Judge, train_config: JudgeTrainConfig, report: dict[str, Any],
+               data: str = "") -> str:
+    """Write a judge directory (local or s3://); the metadata file goes last."""
+    model = getattr(model, "module", model)
+    state = strip_ddp(model.state_dict())
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "config": asdict(model.cfg),
+        "train_config": asdict(train_config),
+        "vocabulary": vocabulary(),
+        "judge_id": model_id(state),
+        "data": data,
+        "report": report,
+    }
+    fs, root = filesystem(directory)
+    try:
+        fs.makedirs(root, exist_ok=True)
+        write_torch(fs, join(root, WEIGHTS_FILE), state)
+        with fs.open(join(root, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+    except OSError as err:
+        raise F2MError(f"cannot write judge to {directory}: {err.strerror or err}") from None
+    return directory
+
+
+def read_judge_metadata(path: str) -> dict[str, Any]:
+    """The judge's JSON metadata (format, version and vocabulary checked), without weights."""
+    fs, root = filesystem(path)
+    if not fs.exists(root):
+        raise F2MError(f"no judge at {path}: the path does not exist")
+    meta = read_format_metadata(fs, root, META_FILE, FORMAT, FORMAT_VERSION, "judge")
+    check_vocabulary(meta.get("vocabulary", {}), f"judge {path}")
+    return meta
+
+
+def load_judge(path: str) -> LoadedJudge:
+    """Load a judge (local or s3://); refuses other formats, versions and vocabularies in one line."""
+    meta = read_judge_metadata(path)
+    fs, root = filesystem(path)
+    try:
+        config = build_dataclass(JudgeConfig, meta["config"])
+        train_config = build_dataclass(JudgeTrainConfig, meta.get("train_config", {}))
+    except (KeyError, TypeError) as err:
+        raise F2MError(f"corrupt judge metadata in {path}: bad config ({err})") from None
+    state = read_torch(fs, join(root, WEIGHTS_FILE), "judge weights")
+    model = Judge(config)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, AttributeError, TypeError):
+        raise F2MError(f"judge weights in {path} do not match its own config") from None
+    return LoadedJudge(path, model.eval(), config, train_config, str(meta.get("judge_id", "")),
+                       meta.get("report", {}), str(meta.get("data", "")))
