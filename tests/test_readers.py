@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -226,17 +227,23 @@ def test_nothing_usable_after_decoding_is_an_error(ray_local, tmp_path):
         read_labeled(str(tmp_path / "manifest.csv"))
 
 
-# ---------------------------------------------------------------- f2m-ray data check
+# ---------------------------------------------------------------- commands
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "f2m_ray_cli", *args], capture_output=True, text=True, cwd=cwd)
+def run_data_check(*args: str):
+    """`f2m-ray data check ...` in this process (sharing the session's Ray), as the console script runs it."""
+    from click.testing import CliRunner
+
+    from f2m_ray_cli.main import _register, cli
+
+    _register()
+    return CliRunner().invoke(cli, ["data", "check", *args])
 
 
-def test_data_check_command(cbis_csv, tmp_path):
+def test_data_check_command(ray_local, cbis_csv, tmp_path):
     sheet = tmp_path / "sheet.png"
-    result = run_cli("data", "check", "--data", str(cbis_csv.parent), "--sheet", str(sheet))
-    assert result.returncode == 0, result.stderr
+    result = run_data_check("--data", str(cbis_csv.parent), "--sheet", str(sheet))
+    assert result.exit_code == 0, result.output
     out = result.stdout
     assert "usable ROIs: 9 of 15 rows (6 dropped)" in out
     assert "spiculated-irregular                    3" in out
@@ -247,8 +254,32 @@ def test_data_check_command(cbis_csv, tmp_path):
         assert img.size[1] == len(EXPECTED_CATEGORIES) * 66 + 2  # one 64-pixel row per category
     bad = tmp_path / "labels.csv"
     bad.write_text("path,margin,shape\na.png,wobbly,round\n")
-    failed = run_cli("data", "check", "--data", str(bad), "--no-sheet")
-    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    failed = run_data_check("--data", str(bad), "--no-sheet")
+    assert failed.exit_code == 1 and failed.exception is None or isinstance(failed.exception, SystemExit)
     assert [line for line in failed.stderr.splitlines() if line.strip()] == [
         f"Error: no usable rows in {bad} (dropped: margin outside the vocabulary: wobbly x1)"
     ]
+
+
+def test_train_runs_tiny_end_to_end_on_cbis_ddsm(ray_local, cbis_csv, tmp_path):
+    from f2m_ray.config import PRESETS
+
+    # A seed whose val patient is not the only one of its category (train needs every category).
+    sole = {"P_00006", "P_00009", "P_00013"}
+    patients = [f"P_{i:05d}" for i in (1, 4, 5, 6, 9, 10, 12, 13)]
+    seed = next(s for s in range(100) if not any(
+        split == "val" and p in sole
+        for p, split in split_by_patient(patients, PRESETS["tiny"].train.val_fraction, s).items()
+    ))
+    result = subprocess.run(
+        [sys.executable, "-m", "f2m_ray_cli", "train", "--preset", "tiny", "--epochs", "1", "--workers", "1",
+         "--batch-size", "4", "--seed", str(seed), "--data", str(cbis_csv), "--format", "cbis-ddsm",
+         "--no-bank", "--storage", str(tmp_path / "runs"), "--name", "cbis"],
+        capture_output=True, text=True,
+        # Join the session's Ray rather than starting a second one beside it.
+        env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "9 ROIs from CBIS-DDSM" in result.stdout and "5 categories" in result.stdout
+    checkpoint = tmp_path / "runs" / "cbis" / "checkpoint_epoch_000001"
+    assert (checkpoint / "model.pt").stat().st_size > 0 and (checkpoint / "f2m_checkpoint.json").exists()
