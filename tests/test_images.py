@@ -75,6 +75,22 @@ def test_truncated_dicom_and_non_image_are_named_problems(tmp_path):
     assert info.value.reason == images.NOT_AN_IMAGE
 
 
+def test_compressed_dicom_without_a_decoder_names_its_syntax(tmp_path):
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    write_dicom(tmp_path / "c.dcm", np.ones((8, 8), np.uint16), 12, "x")
+    ds = pydicom.dcmread(tmp_path / "c.dcm")
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 60])  # a codestream no plugin here decodes
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "c.dcm")
+    with pytest.raises(ImageProblem) as info:
+        decode((tmp_path / "c.dcm").read_bytes(), "c.dcm")
+    assert info.value.reason == "compressed DICOM (JPEG 2000 Image Compression (Lossless Only)) needs a pydicom decoder plugin"
+
+
 def test_header_size_reads_only_the_header(tmp_path):
     write_dicom(tmp_path / "a.dcm", np.ones((300, 200), np.uint16), 16, "x")
     head = (tmp_path / "a.dcm").read_bytes()[:4096]

@@ -185,6 +185,18 @@ def test_manifest_on_s3_with_16_bit_png_and_dicom(ray_local, s3_bucket, tmp_path
     assert batch["source"][by_id["dicom"]] == f"{s3_bucket}/set/images/roi.dcm"
 
 
+def test_cbis_ddsm_download_on_s3(ray_local, s3_bucket, cbis_csv):
+    import s3fs
+
+    from f2m_ray.storage import s3_endpoint
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint()})
+    fs.put(str(cbis_csv.parent) + "/", s3_bucket[len("s3://"):] + "/cbis/", recursive=True)
+    result = read_labeled(f"{s3_bucket}/cbis/{cbis_csv.name}", val_fraction=0.3)
+    assert result.per_category == EXPECTED_CATEGORIES and result.dropped == EXPECTED_DROPS
+    assert all(s.startswith(f"{s3_bucket}/cbis/manifest-") for s in _rows(result)["source"])
+
+
 def test_phantoms_manifest_round_trips_exactly(ray_local, tmp_path):
     from f2m_ray.phantom import write_phantoms
 
