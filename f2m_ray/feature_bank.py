@@ -89,6 +89,40 @@ def plan_actors(work_units: int, workers: int | None = None) -> ActorPlan:
     return ActorPlan(actors, torch_threads=threads, num_cpus=float(threads), num_gpus=0)
 
 
+# The driver's storage settings, handed to Ray workers: workers started before these were
+# set (or on other nodes) would otherwise talk to another endpoint or have no credentials.
+STORAGE_ENV = (
+    "AWS_ENDPOINT_URL",
+    "F2M_S3_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+)
+
+
+def worker_runtime_env() -> dict[str, Any] | None:
+    """A Ray runtime_env carrying the driver's storage variables (None when none are set)."""
+    env_vars = {name: os.environ[name] for name in STORAGE_ENV if os.environ.get(name)}
+    return {"env_vars": env_vars} if env_vars else None
+
+
+def worker_error(err: BaseException) -> str:
+    """The innermost cause of a failure raised inside a Ray worker, in one line."""
+    cause, seen = err, set()
+    while id(cause) not in seen:
+        seen.add(id(cause))
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    text = lines[-1] if isinstance(cause, F2MError) and lines else (lines[0] if lines else "")
+    return text if isinstance(cause, F2MError) else f"{type(cause).__name__}: {text}"
+
+
 def prepare_torch(threads: int, device: str) -> None:
     """Per-actor torch settings: thread count and deterministic kernels."""
     import torch
@@ -238,11 +272,17 @@ def build_feature_bank(
         compute=ray.data.ActorPoolStrategy(size=actors.actors),
         num_cpus=actors.num_cpus,
         num_gpus=actors.num_gpus,
+        runtime_env=worker_runtime_env(),
     )
     parts: dict[str, list] = {k: [] for k in ("roi_id", "margin", "shape", "split", "patient_id", "source", "png", "feature")}
-    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
-        for key in parts:
-            parts[key].append(batch[key])
+    try:
+        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+            for key in parts:
+                parts[key].append(batch[key])
+    except (F2MError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # Ray wraps what failed in a worker
+        raise F2MError(f"encoding failed: {worker_error(err)}") from None
     if not parts["roi_id"]:
         raise F2MError(f"no labeled ROIs in {data}: the feature bank would be empty")
     columns = {k: np.concatenate(v) for k, v in parts.items()}

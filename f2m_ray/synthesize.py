@@ -43,6 +43,8 @@ from f2m_ray.feature_bank import (
     load_feature_bank,
     plan_actors,
     prepare_torch,
+    worker_error,
+    worker_runtime_env,
 )
 from f2m_ray.labels import Category, UnknownLabelError, parse_category
 from f2m_ray.schema import (
@@ -300,9 +302,16 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
                 f"category {category.name} has {pool} seed(s){where} in the bank {bank_path}; "
                 f"mixing needs at least 2 (bank categories: {', '.join(f'{k} ({v})' for k, v in bank.counts().items())})"
             )
-        if pool < c.k:
-            notes.append(f"{category.name} has only {pool} seeds{where}, fewer than K={c.k}: each sample mixes all {pool}")
         plans.append(CategoryPlan(category, pool, min(c.k, pool)))
+    few = [p for p in plans if p.pool_size < c.k]
+    where = "" if c.seed_split == "all" else " in the training split"
+    if 0 < len(few) <= 3:
+        notes += [f"{p.category.name} has only {p.pool_size} seeds{where}, fewer than K={c.k}: "
+                  f"each sample mixes all {p.pool_size}" for p in few]
+    elif few:
+        sizes = sorted(p.pool_size for p in few)
+        notes.append(f"{len(few)} categories have fewer seeds{where} than K={c.k} ({sizes[0]} to {sizes[-1]}): "
+                     f"their samples mix all seeds they have")
     shards = tuple(
         Shard(p.category.name, start, min(start + c.rows_per_file, c.n), shard_name(p.category.name, start, min(start + c.rows_per_file, c.n), c.n))
         for p in plans
@@ -637,24 +646,33 @@ def synthesize(
             compute=ray.data.ActorPoolStrategy(size=actors.actors, max_tasks_in_flight_per_actor=1),
             num_cpus=actors.num_cpus,
             num_gpus=actors.num_gpus,
+            runtime_env=worker_runtime_env(),
         )
         last_report = time.perf_counter()
-        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
-            for i in range(len(batch["rows"])):
-                written_rows += int(batch["rows"][i])
-                path = str(batch["path"][i])
-                if path:
-                    record = {"path": path, "category": str(batch["category"][i]), "start": int(batch["start"][i]),
-                              "stop": int(batch["stop"][i]), "bytes": int(batch["bytes"][i])}
-                    record["rows"] = record["stop"] - record["start"]
-                    files[path] = record
-                    if on_file:
-                        on_file(record)
-            now = time.perf_counter()
-            if now - last_report >= REPORT_SECONDS:
-                last_report = now
-                report(_progress_line(min(total_rows, done_rows + written_rows), total_rows, len(files), len(run.shards),
-                                      written_rows, now - start_time))
+        try:
+            for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+                for i in range(len(batch["rows"])):
+                    written_rows += int(batch["rows"][i])
+                    path = str(batch["path"][i])
+                    if path:
+                        record = {"path": path, "category": str(batch["category"][i]), "start": int(batch["start"][i]),
+                                  "stop": int(batch["stop"][i]), "bytes": int(batch["bytes"][i])}
+                        record["rows"] = record["stop"] - record["start"]
+                        files[path] = record
+                        if on_file:
+                            on_file(record)
+                now = time.perf_counter()
+                if now - last_report >= REPORT_SECONDS:
+                    last_report = now
+                    report(_progress_line(min(total_rows, done_rows + written_rows), total_rows, len(files), len(run.shards),
+                                          written_rows, now - start_time))
+        except (F2MError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # Ray wraps what failed in an actor
+            raise F2MError(
+                f"synthesis failed: {worker_error(err)}; {len(files)} finished files are kept, "
+                f"run again with --resume once fixed"
+            ) from None
     seconds = time.perf_counter() - start_time
     missing = [s.path for s in run.shards if s.path not in files]
     if missing:

@@ -54,12 +54,19 @@ def open_synthetic(path: str, columns: list[str] | None = None):
     """A finished synthetic dataset as a ``ray.data.Dataset`` (one row per mass)."""
     import ray
 
+    from f2m_ray.feature_bank import worker_runtime_env
     from f2m_ray.runtime import ensure_ray
 
     files = synthetic_files(path)
     fs, _ = arrow_filesystem(path)
     ensure_ray()
-    return ray.data.read_parquet([arrow_filesystem(f)[1] for f in files], filesystem=fs, columns=columns)
+    runtime_env = worker_runtime_env()
+    return ray.data.read_parquet(
+        [arrow_filesystem(f)[1] for f in files],
+        filesystem=fs,
+        columns=columns,
+        ray_remote_args={"runtime_env": runtime_env} if runtime_env else None,
+    )
 
 
 def read_table(path: str, columns: list[str] | None = None):

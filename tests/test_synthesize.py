@@ -1,0 +1,337 @@
+"""`synthesize`: sharded synthesis into Parquet, locally and on S3; determinism; resume; bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+import torch
+from click.testing import CliRunner
+
+from f2m_ray.checkpoint import load_checkpoint, save_checkpoint
+from f2m_ray.config import PRESETS
+from f2m_ray.errors import F2MError
+from f2m_ray.feature_bank import default_bank_path, load_feature_bank, write_feature_bank
+from f2m_ray.labels import parse_category
+from f2m_ray.networks import build_networks
+from f2m_ray.phantom import generate_phantoms
+from f2m_ray.readers import assign_split, to_model_range
+from f2m_ray.schema import MANIFEST_NAME, png_bytes, to_uint8
+from f2m_ray.synthesize import SynthesisConfig, resolve, synthesize
+from f2m_ray.synthetic import SyntheticTorchDataset, open_synthetic, read_table
+from f2m_ray_cli.main import _register, cli
+
+CATEGORY = "spiculated-irregular"
+OTHER = "circumscribed-oval"
+SEEDS_PER_CATEGORY = 22  # more than K = 20
+
+
+def make_checkpoint(path: str, seed: int = 0) -> str:
+    """A random-init `tiny` checkpoint; weights widened so that decoded images vary."""
+    torch.manual_seed(seed)
+    nets = build_networks(PRESETS["tiny"].model)
+    for module in nets[0].modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+            torch.nn.init.normal_(module.weight, 0.0, 0.2)
+    return save_checkpoint(path, PRESETS["tiny"], *nets, epoch=1, step=1)
+
+
+def make_bank(checkpoint: str, out: str | None = None) -> str:
+    """A bank of phantoms of two categories, encoded in this process (no Ray needed)."""
+    categories = [parse_category(CATEGORY), parse_category(OTHER)]
+    rows = list(generate_phantoms(2 * SEEDS_PER_CATEGORY, 0, categories))
+    images = np.stack([to_model_range(img) for _, img, _ in rows])  # (N, 64, 64)
+    ckpt = load_checkpoint(checkpoint)
+    margins = np.array([c.margin_id for *_, c in rows])
+    shapes = np.array([c.shape_id for *_, c in rows])
+    with torch.no_grad():
+        features = ckpt.generator().encode(torch.from_numpy(images)[:, None], torch.from_numpy(margins),
+                                           torch.from_numpy(shapes)).numpy()
+    ids = np.array([f"roi-{i:04d}" for i in range(len(rows))])
+    return write_feature_bank(
+        out or default_bank_path(checkpoint), ids, margins, shapes, np.array(assign_split(list(ids), 0.25, 0)),
+        ids, np.array(["phantom"] * len(ids)), [png_bytes(to_uint8(i)) for i in images], features, ckpt.model_id,
+        info={"checkpoint": checkpoint},
+    )
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    ckpt = make_checkpoint(str(tmp_path_factory.mktemp("model") / "ckpt"))
+    make_bank(ckpt)
+    return ckpt
+
+
+def config(model, out, **changes) -> SynthesisConfig:
+    values = dict(categories=(CATEGORY,), n=1000, out=str(out), model=model, rows_per_file=250)
+    values.update(changes)
+    return SynthesisConfig(**values)
+
+
+def by_index(table):
+    return table.sort_by("sample_index")
+
+
+@pytest.fixture(scope="module")
+def local_run(model, tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("local") / "dataset"
+    summary = synthesize(config(model, out, workers=2), report=None)
+    return out, summary
+
+
+# ---------------------------------------------------------------- 1,000 rows locally
+
+
+def check_rows(frame: pd.DataFrame, model: str) -> None:
+    """What every synthetic row must satisfy, whatever read it."""
+    assert len(frame) == 1000 and frame["sample_id"].nunique() == 1000
+    assert sorted(frame["sample_index"]) == list(range(1000))
+    assert set(frame["category"]) == {CATEGORY} and set(frame["margin"]) == {"spiculated"}
+    assert set(frame["margin_id"]) == {4} and set(frame["shape_id"]) == {3}
+    pool = load_feature_bank(default_bank_path(model)).pool(parse_category(CATEGORY))
+    pool_ids = set(load_feature_bank(default_bank_path(model)).roi_id[pool])
+    for seeds, weights in zip(frame["seed_ids"], frame["weights"]):
+        weights = np.asarray(weights)
+        assert len(seeds) == 20 == len(weights) and len(set(seeds)) == 20 and set(seeds) <= pool_ids
+        assert abs(weights.sum() - 1.0) < 1e-9 and np.all(weights >= 0)
+        np.testing.assert_allclose(weights * 20, np.round(weights * 20), atol=1e-9)  # the 0.05 grid
+    assert frame["label_confidence"].isna().all()
+    assert (frame["nearest_seed_distance"] > 0).all()
+    assert set(frame["model_id"]) == {load_checkpoint(model).model_id} and set(frame["run_seed"]) == {0}
+
+
+def test_local_files_and_manifest(local_run, model):
+    out, summary = local_run
+    assert (summary.rows, summary.files, summary.written_rows) == (1000, 4, 1000)
+    names = sorted(os.listdir(out / CATEGORY))
+    assert names == [f"part-{a:06d}-{a + 249:06d}.parquet" for a in (0, 250, 500, 750)]
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["counts"] == {CATEGORY: 1000} and manifest["schema_version"] == 1
+    assert manifest["model_id"] == load_checkpoint(model).model_id
+    assert [f["path"] for f in manifest["files"]] == [f"{CATEGORY}/{n}" for n in names]
+    assert manifest["arguments"]["k"] == 20 and manifest["arguments"]["seed"] == 0
+
+
+def test_local_reads_back_everywhere(local_run, model):
+    out, _ = local_run
+    check_rows(read_table(str(out)).to_pandas(), model)  # the library
+    check_rows(pd.read_parquet(out), model)  # pandas on the folder
+    check_rows(pads.dataset(str(out), format="parquet").to_table().to_pandas(), model)  # pyarrow.dataset
+    counts = duckdb.sql(f"select count(*), count(distinct sample_id), min(category), max(category), "
+                        f"max(abs(list_sum(weights) - 1)) from read_parquet('{out}/**/*.parquet')").fetchall()[0]
+    assert counts[:4] == (1000, 1000, CATEGORY, CATEGORY) and counts[4] < 1e-9
+    dataset = open_synthetic(str(out))  # Ray Data
+    assert dataset.count() == 1000 and "image" in dataset.schema().names
+
+
+def test_torch_dataset_gives_images_and_label_ids(local_run):
+    out, _ = local_run
+    data = SyntheticTorchDataset(str(out))
+    image, margin, shape = data[7]
+    assert len(data) == 1000 and image.shape == (1, 64, 64) and image.dtype == torch.float32
+    assert (margin, shape) == (4, 3) and -1.0 <= image.min() < image.max() <= 1.0
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=16)))
+    assert batch[0].shape == (16, 1, 64, 64) and batch[1].tolist() == [4] * 16
+    images = {bytes(b) for b in read_table(str(out), ["image"]).column("image").combine_chunks().field("bytes").to_pylist()}
+    assert len(images) > 990  # an untrained but non-degenerate model: masses differ
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def test_one_and_three_actors_give_identical_rows(model, local_run, tmp_path):
+    one = read_table(str(synthesize(config(model, tmp_path / "one", n=300, rows_per_file=100, workers=1),
+                                    report=None).out))
+    three = read_table(str(synthesize(config(model, tmp_path / "three", n=300, rows_per_file=100, workers=3),
+                                      report=None).out))
+    # Also the first 300 rows of the 1,000-row run (2 actors, 250-row files): same samples.
+    thousand = by_index(read_table(str(local_run[0]))).slice(0, 300)
+    for other in (three, thousand):
+        for column in ("sample_id", "seed_ids", "weights", "image", "nearest_seed_distance"):
+            assert by_index(one).column(column).to_pylist() == by_index(other).column(column).to_pylist(), column
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_killed_run_resumes_to_the_same_bytes(model, tmp_path, ray_local):
+    args = ["synthesize", "--category", CATEGORY, "--n", "3000", "--rows-per-file", "100", "--model", model,
+            "--workers", "1"]
+    killed = tmp_path / "killed"
+    # A second driver on this session's Ray cluster, killed hard once two files exist.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    process = subprocess.Popen([sys.executable, "-m", "f2m_ray_cli", *args, "--out", str(killed)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = killed / CATEGORY
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if folder.exists() and len([n for n in os.listdir(folder) if n.startswith("part-")]) >= 2:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = [n for n in os.listdir(folder) if n.startswith("part-")]
+    assert 2 <= len(done) < 30, "the run was not interrupted mid-way"
+    assert not (killed / MANIFEST_NAME).exists()  # unfinished: no manifest
+    with pytest.raises(F2MError, match="unfinished synthetic dataset"):
+        read_table(str(killed))
+    summary = synthesize(config(model, killed, n=3000, rows_per_file=100, workers=2, resume=True), report=None)
+    assert summary.files == 30 and summary.written_files <= 30 - len(done) + 1  # + a file being written at the kill
+    whole = synthesize(config(model, tmp_path / "whole", n=3000, rows_per_file=100, workers=2), report=None)
+    for name in sorted(os.listdir(tmp_path / "whole" / CATEGORY)):
+        assert (folder / name).read_bytes() == (tmp_path / "whole" / CATEGORY / name).read_bytes(), name
+    assert sorted(n for n in os.listdir(folder)) == sorted(os.listdir(tmp_path / "whole" / CATEGORY))
+    assert whole.rows == summary.rows == 3000
+
+
+# ---------------------------------------------------------------- S3
+
+
+@pytest.mark.s3
+def test_s3_through_the_command_line(model, s3_bucket, local_run, ray_local, tmp_path):
+    import boto3
+
+    out = f"{s3_bucket}/synthetic/run1"
+    _register()
+    result = CliRunner().invoke(cli, ["synthesize", "--category", "spiculate-irregular", "--n", "1000",
+                                      "--rows-per-file", "500", "--model", model, "--out", out, "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 1000 masses in 2 files" in result.stdout and "actor(s)" in result.stderr
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket[5:])["Contents"])
+    assert keys == ["synthetic/run1/_manifest.json", "synthetic/run1/_run.json",
+                    f"synthetic/run1/{CATEGORY}/part-000000-000499.parquet",
+                    f"synthetic/run1/{CATEGORY}/part-000500-000999.parquet"]  # no directory markers
+    table = read_table(out)
+    check_rows(table.to_pandas(), model)
+    assert open_synthetic(out).count() == 1000
+    options = {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
+    check_rows(pd.read_parquet(out, storage_options=options), model)
+    from f2m_ray.storage import arrow_filesystem
+
+    fs, inner = arrow_filesystem(out)
+    arrow = pads.dataset(inner, filesystem=fs, format="parquet").to_table()
+    check_rows(arrow.to_pandas(), model)
+    assert duckdb.sql("select count(distinct sample_id) from arrow").fetchall() == [(1000,)]
+    # Other file layout, same samples: the bytes equal those of the local run.
+    local = by_index(read_table(str(local_run[0])))
+    assert by_index(table).column("image").to_pylist() == local.column("image").to_pylist()
+    inspected = CliRunner().invoke(cli, ["inspect", out, "--sheet", str(tmp_path / "sheet.png")])
+    assert inspected.exit_code == 0 and f"{CATEGORY}" in inspected.stdout and "1000" in inspected.stdout
+    assert (tmp_path / "sheet.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_too_few_seeds(model, tmp_path):
+    run = resolve(config(model, tmp_path / "o", k=30))
+    assert run.categories[0].k_used == 22
+    assert run.notes == (f"{CATEGORY} has only 22 seeds, fewer than K=30: each sample mixes all 22",)
+    with pytest.raises(F2MError, match="spiculated-round has 0 seed\\(s\\).*at least 2"):
+        resolve(config(model, tmp_path / "o", categories=("spiculated-round",)))
+    with pytest.raises(F2MError, match="unknown category 'spiky'.*spiculated"):
+        resolve(config(model, tmp_path / "o", categories=("spiky",)))
+    with pytest.raises(F2MError, match="--n must be a positive"):
+        resolve(config(model, tmp_path / "o", n=0))
+    assert [p.category.name for p in resolve(config(model, tmp_path / "o", categories=("all",))).categories] == [
+        "circumscribed-oval", CATEGORY]
+
+
+def test_model_and_bank_must_match(model, tmp_path):
+    other = make_checkpoint(str(tmp_path / "other"), seed=1)
+    with pytest.raises(F2MError, match="was encoded by model .*f2m-ray encode"):
+        resolve(config(other, tmp_path / "o", bank=default_bank_path(model)))
+    with pytest.raises(F2MError, match="no feature bank at"):
+        resolve(config(other, tmp_path / "o"))
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(default_bank_path(model))
+    meta = json.loads(table.schema.metadata[b"f2m_ray_bank"])
+    meta["vocabulary"]["margins"] = ["smooth", "rough"]
+    pq.write_table(table.replace_schema_metadata({b"f2m_ray_bank": json.dumps(meta).encode()}), tmp_path / "b.parquet")
+    with pytest.raises(F2MError, match="another BI-RADS vocabulary"):
+        resolve(config(model, tmp_path / "o", bank=str(tmp_path / "b.parquet")))
+    # --bank alone finds its checkpoint.
+    assert resolve(config(None, tmp_path / "o", bank=default_bank_path(model))).model_id == load_checkpoint(model).model_id
+
+
+def test_existing_output_is_protected(model, tmp_path, local_run):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(F2MError, match="is not empty .*--resume.*--overwrite"):
+        synthesize(config(model, busy), report=None)
+    with pytest.raises(F2MError, match="not an f2m-ray synthetic dataset; refusing"):
+        synthesize(config(model, busy, overwrite=True), report=None)
+    assert (busy / "notes.txt").read_text() == "mine"
+    with pytest.raises(F2MError, match="holds another run \\(seed 0 there vs 5 now\\)"):
+        synthesize(config(model, local_run[0], seed=5, workers=2, resume=True), report=None)
+    assert (local_run[0] / MANIFEST_NAME).exists()  # a refused resume leaves the finished dataset as it was
+    again = synthesize(config(model, local_run[0], workers=2, resume=True), report=None)
+    assert again.written_files == 0 and again.rows == 1000
+
+
+@pytest.mark.s3
+def test_unreachable_s3_is_one_line(model, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    _register()
+    result = CliRunner().invoke(cli, ["synthesize", "--category", CATEGORY, "--n", "10", "--model", model,
+                                      "--out", "s3://bucket/prefix"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"cannot reach S3 at http://127.0.0.1:{port}" in lines[0]
+
+
+@pytest.mark.s3
+def test_unauthorised_s3_is_one_line(model, tmp_path):
+    """A second loopback S3 server that checks credentials refuses ours."""
+    port = _free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "moto did not start"
+                time.sleep(0.2)
+        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "nobody",
+               "AWS_SECRET_ACCESS_KEY": "wrong"}
+        _register()
+        result = CliRunner(env=env).invoke(cli, ["synthesize", "--category", CATEGORY, "--n", "10", "--model", model,
+                                                 "--out", "s3://bucket/prefix"])
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "S3 refused access" in lines[0] and "check the credentials" in lines[0]
+
+
+def test_dry_run_prints_the_resolved_run(model, tmp_path):
+    _register()
+    result = CliRunner().invoke(cli, ["synthesize", "--category", "all", "--n", "50", "--model", model,
+                                      "--out", str(tmp_path / "o"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "category    circumscribed-oval: 50 masses from 22 seeds (K used 20)" in result.stdout
+    assert not (tmp_path / "o").exists()
