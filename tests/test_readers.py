@@ -200,10 +200,18 @@ def test_cbis_ddsm_download_on_s3(ray_local, s3_bucket, cbis_csv):
 def test_phantoms_manifest_round_trips_exactly(ray_local, tmp_path):
     from f2m_ray.phantom import write_phantoms
 
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
     write_phantoms(tmp_path / "ph", 12, seed=1)
     result = read_labeled(str(tmp_path / "ph"), seed=1)
     batch = _rows(result)
     assert result.rows == 12 and result.dropped == {}
+    # The same table as Parquet reads the same rows.
+    pq.write_table(pacsv.read_csv(tmp_path / "ph" / "manifest.csv"), tmp_path / "ph" / "set.parquet")
+    from_parquet = _rows(read_labeled(str(tmp_path / "ph" / "set.parquet"), seed=1))
+    np.testing.assert_array_equal(from_parquet["image"], batch["image"])
+    assert list(from_parquet["split"]) == list(batch["split"])
     for roi_id, image, source in zip(batch["roi_id"], batch["image"], batch["source"]):
         png = np.asarray(Image.open(source))
         np.testing.assert_array_equal(image, png.astype(np.float32) / 127.5 - 1.0)  # 8-bit: fixed map
