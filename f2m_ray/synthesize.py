@@ -38,6 +38,7 @@ from f2m_ray import __version__
 from f2m_ray.errors import F2MError
 from f2m_ray.feature_bank import (
     SEED_SPLITS,
+    ActorPlan,
     FeatureBank,
     default_bank_path,
     load_feature_bank,
@@ -575,128 +576,164 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def synthesize(
-    config: SynthesisConfig,
-    report: Callable[[str], None] | None = _stderr,
-    on_file: Callable[[dict[str, Any]], None] | None = None,
-) -> SynthesisSummary:
-    """Run the synthesis; `report` gets human progress lines, `on_file` each finished file."""
+class _Progress:
+    """Collects the actors' records: finished files, rows done, throttled progress lines."""
+
+    def __init__(self, run: ResolvedRun, files: dict[str, dict[str, Any]], report, on_file):
+        self.run, self.files, self.report, self.on_file = run, files, report, on_file
+        self.total = sum(s.rows for s in run.shards)
+        self.done_before = sum(r["rows"] for r in files.values())
+        self.new_rows = 0
+        self.start = time.perf_counter()
+        self.last_report = self.start
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        for i in range(len(batch["rows"])):
+            self.new_rows += int(batch["rows"][i])
+            path = str(batch["path"][i])
+            if path:
+                start, stop = int(batch["start"][i]), int(batch["stop"][i])
+                record = {"path": path, "category": str(batch["category"][i]), "start": start, "stop": stop,
+                          "rows": stop - start, "bytes": int(batch["bytes"][i])}
+                self.files[path] = record
+                if self.on_file:
+                    self.on_file(record)
+        now = time.perf_counter()
+        if now - self.last_report >= REPORT_SECONDS:
+            self.last_report = now
+            self.report(self.line(now - self.start))
+
+    def line(self, seconds: float) -> str:
+        rows = min(self.total, self.done_before + self.new_rows)
+        rate = self.new_rows / seconds if seconds > 0 else 0.0
+        eta = (self.total - rows) / rate if rate > 0 else math.inf
+        return (
+            f"{rows}/{self.total} masses ({100 * rows / self.total:.0f}%), {len(self.files)}/{len(self.run.shards)} "
+            f"files, {rate:.0f} masses/s, eta {_duration(eta) if math.isfinite(eta) else '?'}"
+        )
+
+
+def actor_spec(run: ResolvedRun, actors: ActorPlan) -> dict[str, Any]:
+    """Everything a ShardSynthesizer needs, as plain data (it travels to Ray workers)."""
+    c = run.config
+    return {
+        "checkpoint": run.checkpoint,
+        "bank": run.bank_path,
+        "model_id": run.model_id,
+        "bank_id": run.bank_id,
+        "preset": run.preset,
+        "fingerprint": run.fingerprint(),
+        "categories": [p.category.name for p in run.categories],
+        "out": c.out,
+        "seed": c.seed,
+        "k": c.k,
+        "step": c.step,
+        "alpha": c.alpha,
+        "batch_size": c.batch_size,
+        "seed_split": c.seed_split,
+        "torch_threads": actors.torch_threads,
+        "device": actors.device,
+    }
+
+
+def _run_on_ray(run: ResolvedRun, todo: list[Shard], progress: _Progress) -> None:
+    """The shards through one Ray Data operator: an actor pool of ShardSynthesizers."""
     import logging
 
     import ray
 
     from f2m_ray.runtime import ensure_ray
 
+    ensure_ray()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # our own progress lines instead (one per REPORT_SECONDS)
+    context.print_on_execution_start = False
+    actors = plan_actors(len(todo), run.config.workers)
+    progress.report(
+        f"synthesizing {sum(s.rows for s in todo)} masses in {len(todo)} files with {actors.actors} actor(s) x "
+        f"{actors.torch_threads} torch thread(s) on {actors.device}"
+        + (f"; {len(progress.files)} files already done" if progress.files else "")
+    )
+    shards = ray.data.from_items(
+        [{"category": s.category, "start": s.start, "stop": s.stop, "path": s.path} for s in todo],
+        override_num_blocks=len(todo),  # one shard per block: any actor can take any shard
+    )
+    results = shards.map_batches(
+        ShardSynthesizer,
+        fn_constructor_kwargs={"spec": actor_spec(run, actors)},
+        batch_size=1,
+        # One shard in flight per actor: a queued shard would wait behind a busy actor while another idles.
+        compute=ray.data.ActorPoolStrategy(size=actors.actors, max_tasks_in_flight_per_actor=1),
+        num_cpus=actors.num_cpus,
+        num_gpus=actors.num_gpus,
+        runtime_env=worker_runtime_env(),
+    )
+    try:
+        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+            progress.add(batch)
+    except (F2MError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # Ray wraps what failed in an actor
+        raise F2MError(
+            f"synthesis failed: {worker_error(err)}; {len(progress.files)} finished files are kept, "
+            f"run again with --resume once fixed"
+        ) from None
+
+
+def _run_in_process(run: ResolvedRun, todo: list[Shard], progress: _Progress) -> None:
+    """The same work in this process, shard after shard (small runs, tests, benchmarks)."""
+    from f2m_ray.feature_bank import local_cores
+
+    actors = ActorPlan(actors=1, torch_threads=local_cores(), num_cpus=0, num_gpus=0)
+    progress.report(f"synthesizing {sum(s.rows for s in todo)} masses in {len(todo)} files in this process")
+    synthesizer = ShardSynthesizer(actor_spec(run, actors))
+    for shard in todo:
+        for record in synthesizer.synthesize_shard(shard.category, shard.start, shard.stop, shard.path):
+            progress.add(record)
+
+
+def synthesize(
+    config: SynthesisConfig,
+    report: Callable[[str], None] | None = _stderr,
+    on_file: Callable[[dict[str, Any]], None] | None = None,
+    use_ray: bool = True,
+) -> SynthesisSummary:
+    """Run the synthesis; `report` gets human progress lines, `on_file` each finished file.
+
+    ``use_ray=False`` runs the same actor code in this process, one shard after another.
+    """
     report = report or (lambda line: None)
     run = resolve(config)
     finished = prepare_output(run)
     for note in run.notes:
         report(f"note: {note}")
+    files = {
+        s.path: {"path": s.path, "category": s.category, "start": s.start, "stop": s.stop, "rows": s.rows,
+                 "bytes": finished[s.path]}
+        for s in run.shards
+        if s.path in finished
+    }
+    if files:
+        _verify_finished(run, list(files.values()))
     todo = [s for s in run.shards if s.path not in finished]
-    done_rows = sum(s.rows for s in run.shards if s.path in finished)
-    total_rows = sum(s.rows for s in run.shards)
-    files: dict[str, dict[str, Any]] = {}
-    for shard in run.shards:
-        if shard.path in finished:
-            files[shard.path] = {"path": shard.path, "category": shard.category, "start": shard.start,
-                                 "stop": shard.stop, "rows": shard.rows, "bytes": finished[shard.path]}
-    if finished:
-        _verify_finished(run, [files[p] for p in finished if p in files])
-    start_time = time.perf_counter()
-    written_rows = 0
+    progress = _Progress(run, files, report, on_file)
     if todo:
-        ensure_ray()
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
-        actors = plan_actors(len(todo), config.workers)
-        spec = {
-            "checkpoint": run.checkpoint,
-            "bank": run.bank_path,
-            "model_id": run.model_id,
-            "bank_id": run.bank_id,
-            "preset": run.preset,
-            "fingerprint": run.fingerprint(),
-            "categories": [p.category.name for p in run.categories],
-            "out": config.out,
-            "seed": config.seed,
-            "k": config.k,
-            "step": config.step,
-            "alpha": config.alpha,
-            "batch_size": config.batch_size,
-            "seed_split": config.seed_split,
-            "torch_threads": actors.torch_threads,
-            "device": actors.device,
-        }
-        report(
-            f"synthesizing {total_rows - done_rows} masses in {len(todo)} files "
-            f"({len(run.categories)} categor{'y' if len(run.categories) == 1 else 'ies'}) with {actors.actors} "
-            f"actor(s) x {actors.torch_threads} torch thread(s) on {actors.device}"
-            + (f"; {len(finished)} files already done" if finished else "")
-        )
-        shards = ray.data.from_items(
-            [{"category": s.category, "start": s.start, "stop": s.stop, "path": s.path} for s in todo],
-            override_num_blocks=len(todo),
-        )
-        results = shards.map_batches(
-            ShardSynthesizer,
-            fn_constructor_kwargs={"spec": spec},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=actors.actors, max_tasks_in_flight_per_actor=1),
-            num_cpus=actors.num_cpus,
-            num_gpus=actors.num_gpus,
-            runtime_env=worker_runtime_env(),
-        )
-        last_report = time.perf_counter()
-        try:
-            for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
-                for i in range(len(batch["rows"])):
-                    written_rows += int(batch["rows"][i])
-                    path = str(batch["path"][i])
-                    if path:
-                        record = {"path": path, "category": str(batch["category"][i]), "start": int(batch["start"][i]),
-                                  "stop": int(batch["stop"][i]), "bytes": int(batch["bytes"][i])}
-                        record["rows"] = record["stop"] - record["start"]
-                        files[path] = record
-                        if on_file:
-                            on_file(record)
-                now = time.perf_counter()
-                if now - last_report >= REPORT_SECONDS:
-                    last_report = now
-                    report(_progress_line(min(total_rows, done_rows + written_rows), total_rows, len(files), len(run.shards),
-                                          written_rows, now - start_time))
-        except (F2MError, KeyboardInterrupt):
-            raise
-        except Exception as err:  # Ray wraps what failed in an actor
-            raise F2MError(
-                f"synthesis failed: {worker_error(err)}; {len(files)} finished files are kept, "
-                f"run again with --resume once fixed"
-            ) from None
-    seconds = time.perf_counter() - start_time
+        (_run_on_ray if use_ray else _run_in_process)(run, todo, progress)
+    seconds = time.perf_counter() - progress.start
     missing = [s.path for s in run.shards if s.path not in files]
     if missing:
         raise F2MError(f"{len(missing)} files were not written (e.g. {missing[0]}); run again with --resume")
     manifest = write_manifest(run, [files[s.path] for s in run.shards], seconds)
-    summary = SynthesisSummary(
+    return SynthesisSummary(
         out=config.out,
-        rows=total_rows,
+        rows=progress.total,
         files=len(run.shards),
-        written_rows=sum(files[s.path]["rows"] for s in todo),
+        written_rows=sum(s.rows for s in todo),
         written_files=len(todo),
         seconds=seconds,
         manifest=manifest,
         notes=run.notes,
-    )
-    return summary
-
-
-def _progress_line(rows: int, total: int, files: int, total_files: int, new_rows: int, seconds: float) -> str:
-    rate = new_rows / seconds if seconds > 0 else 0.0
-    eta = (total - rows) / rate if rate > 0 else math.inf
-    return (
-        f"{rows}/{total} masses ({100 * rows / total:.0f}%), {files}/{total_files} files, "
-        f"{rate:.0f} masses/s, eta {_duration(eta) if math.isfinite(eta) else '?'}"
     )
 
 

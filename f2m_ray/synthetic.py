@@ -60,12 +60,11 @@ def open_synthetic(path: str, columns: list[str] | None = None):
     files = synthetic_files(path)
     fs, _ = arrow_filesystem(path)
     ensure_ray()
-    runtime_env = worker_runtime_env()
     return ray.data.read_parquet(
         [arrow_filesystem(f)[1] for f in files],
         filesystem=fs,
         columns=columns,
-        ray_remote_args={"runtime_env": runtime_env} if runtime_env else None,
+        runtime_env=worker_runtime_env(),
     )
 
 

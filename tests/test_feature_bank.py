@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from click.testing import CliRunner
 
 from f2m_ray.checkpoint import load_checkpoint, save_checkpoint
 from f2m_ray.config import PRESETS
@@ -16,6 +17,7 @@ from f2m_ray.networks import build_networks
 from f2m_ray.phantom import generate_phantoms
 from f2m_ray.readers import assign_split, to_model_range
 from f2m_ray.schema import BANK_METADATA_KEY
+from f2m_ray_cli.main import _register, cli
 
 N_ROIS = 60
 
@@ -32,14 +34,21 @@ def make_checkpoint(path: str, seed: int = 0) -> str:
 
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory, ray_local):
+    """Built through `f2m-ray encode` (in this process, on the session's Ray)."""
     ckpt = make_checkpoint(str(tmp_path_factory.mktemp("bank") / "ckpt"))
-    path = build_feature_bank(ckpt, data=f"phantom:{N_ROIS}", seed=3)
-    return ckpt, path
+    _register()
+    result = CliRunner().invoke(cli, ["encode", "--model", ckpt, "--data", f"phantom:{N_ROIS}", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert f"encoded {N_ROIS} ROIs" in result.stdout and "spiculated-irregular" in result.stdout
+    return ckpt, f"{ckpt}/{BANK_FILE}"
 
 
-def test_default_path_is_beside_the_checkpoint(bank):
+def test_library_call_writes_where_asked(bank, tmp_path):
     ckpt, path = bank
-    assert path == f"{ckpt}/{BANK_FILE}"
+    out = build_feature_bank(ckpt, data="phantom:20", seed=3, out=str(tmp_path / "b.parquet"), val_fraction=0.5)
+    small = load_feature_bank(out)
+    np.testing.assert_array_equal(small.features, load_feature_bank(path).features[:20])  # same ROIs, same features
+    assert small.metadata["val_fraction"] == 0.5 and small.metadata["data"] == "phantom:20"
 
 
 def test_rows_sorted_labeled_and_split(bank):

@@ -1,0 +1,88 @@
+"""Reading synthetic datasets back: manifest checks, torch Dataset, inspect helpers."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from f2m_ray.errors import F2MError
+from f2m_ray.schema import MANIFEST_NAME, decode_png
+from f2m_ray.synthesize import SynthesisConfig, synthesize
+from f2m_ray.synthetic import (
+    SyntheticTorchDataset,
+    inspect_dataset,
+    read_manifest,
+    read_table,
+    sample_images,
+    synthetic_files,
+)
+from test_synthesize import CATEGORY, OTHER, make_bank, make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """40 + 40 masses written in this process (the same actor code, no Ray)."""
+    root = tmp_path_factory.mktemp("synthetic")
+    ckpt = make_checkpoint(str(root / "ckpt"))
+    make_bank(ckpt)
+    out = root / "dataset"
+    config = SynthesisConfig(categories=(CATEGORY, OTHER), n=40, out=str(out), model=ckpt, rows_per_file=25, k=5)
+    synthesize(config, report=None, use_ray=False)
+    return out
+
+
+def test_files_come_from_the_manifest(dataset):
+    files = synthetic_files(str(dataset))
+    assert [f.rsplit("/", 2)[-2:] for f in files] == [
+        [CATEGORY, "part-000000-000024.parquet"], [CATEGORY, "part-000025-000039.parquet"],
+        [OTHER, "part-000000-000024.parquet"], [OTHER, "part-000025-000039.parquet"]]
+    (dataset / CATEGORY / "stray.parquet").write_bytes(b"ignored: not in the manifest")
+    assert read_table(str(dataset)).num_rows == 80
+
+
+def test_torch_dataset_decodes_png_to_model_range(dataset):
+    data = SyntheticTorchDataset(str(dataset))
+    table = read_table(str(dataset), ["image", "margin_id", "shape_id"])
+    assert len(data) == 80
+    image, margin, shape = data[45]
+    pixels = decode_png(table.column("image")[45]["bytes"].as_py())
+    torch.testing.assert_close(image, torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1.0)[None])
+    assert (margin, shape) == (table.column("margin_id")[45].as_py(), table.column("shape_id")[45].as_py())
+    assert len(SyntheticTorchDataset(str(dataset), categories=[OTHER])) == 40
+    with pytest.raises(IndexError):
+        data[80]
+
+
+def test_inspect_counts_and_sheet_images(dataset):
+    info = inspect_dataset(str(dataset))
+    assert info["counts"] == {CATEGORY: 40, OTHER: 40} and info["rows"] == 80 and info["files"] == 4
+    assert info["schema_version"] == 1 and info["arguments"]["k"] == 5
+    images = sample_images(str(dataset), per_category=3)
+    assert sorted(images) == sorted([CATEGORY, OTHER]) and images[OTHER][0].shape == (64, 64)
+    assert images[OTHER][0].dtype == np.uint8
+
+
+def test_unfinished_and_foreign_folders_refused(dataset, tmp_path):
+    manifest = json.loads((dataset / MANIFEST_NAME).read_text())
+    (tmp_path / "_run.json").write_text("{}")
+    with pytest.raises(F2MError, match="unfinished synthetic dataset.*--resume"):
+        read_manifest(str(tmp_path))
+    with pytest.raises(F2MError, match="not a synthetic dataset: no _manifest.json"):
+        read_manifest(str(tmp_path / "elsewhere"))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**manifest, "schema_version": 7}))
+    with pytest.raises(F2MError, match="schema version 7"):
+        read_manifest(str(tmp_path))
+    (tmp_path / MANIFEST_NAME).write_text("{")
+    with pytest.raises(F2MError, match="not valid JSON"):
+        read_manifest(str(tmp_path))
+
+
+def test_damaged_dataset_detected(dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    (copy / OTHER / "part-000025-000039.parquet").unlink()
+    with pytest.raises(F2MError, match="damaged: .*part-000025-000039.parquet is listed in the manifest but missing"):
+        inspect_dataset(str(copy))
