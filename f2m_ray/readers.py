@@ -397,9 +397,12 @@ def read_cbis_ddsm(
 ) -> ReadResult:
     """CBIS-DDSM mass CSV(s) plus the DICOM download (f2m_ray.cbis_ddsm)."""
     csvs = cbis_ddsm.csv_files(path)
-    rows: list[tuple[str, dict]] = []
+    rows: list[tuple[str, int, dict]] = []  # (CSV, data row number in it, row)
     for csv_path in csvs:
-        rows.extend((csv_path, r) for r in cbis_ddsm.read_case_rows(csv_path, options.roi_source))
+        rows.extend(
+            (csv_path, number, r)
+            for number, r in enumerate(cbis_ddsm.read_case_rows(csv_path, options.roi_source), start=1)
+        )
     if not rows:
         raise F2MError(f"no rows in {', '.join(csvs)} (header only)")
     if image_root is None:
@@ -408,7 +411,7 @@ def read_cbis_ddsm(
     index = cbis_ddsm.DicomIndex.build(image_root)
     drops, mapped, seen = _Drops(), Counter(), set()
     jobs = []
-    for number, (csv_path, row) in enumerate(rows, start=1):
+    for csv_path, number, row in rows:
         crop_cell = row.get(cbis_ddsm.CROPPED_PATH, "")
         roi_id = cbis_ddsm.case_id(crop_cell if options.roi_source == "cropped" else row[cbis_ddsm.MASK_PATH])
         example = f"{csv_path.rsplit('/', 1)[-1]} row {number} ({roi_id or 'no path'})"
