@@ -1,16 +1,16 @@
 """The judge: network shapes, training on constructed data, label confidence, save/load, CLI."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from f2m_ray import judge as judge_module
 from f2m_ray.errors import F2MError
 from f2m_ray.judge import JudgeConfig, JudgeTrainConfig, LabeledArrays
+from f2m_ray_cli.main import _register, cli
 
 # A narrow judge: the same code paths in a fraction of the time.
 TINY = JudgeConfig(stem_channels=4, channels=(8, 8, 16, 16), feature_dim=16, dropout=0.0)
@@ -132,26 +132,28 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         judge_module.load_judge(str(tmp_path / "nowhere"))
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "f2m_ray_cli", *args], capture_output=True, text=True)
+def invoke(*args):
+    """The real command, in this process (shares the session's Ray)."""
+    _register()
+    return CliRunner().invoke(cli, list(args))
 
 
-def test_cli_judge_train_on_ray_train_and_info(tmp_path):
+def test_cli_judge_train_on_ray_train_and_info(ray_local, tmp_path):
     out = str(tmp_path / "judge")
-    result = run_cli("judge", "train", "--data", "phantom:120", "--out", out, "--epochs", "1", "--val-fraction", "0.25",
-                     "--workers", "2")
-    assert result.returncode == 0, result.stderr
+    result = invoke("judge", "train", "--data", "phantom:120", "--out", out, "--epochs", "1", "--val-fraction", "0.25",
+                    "--workers", "2")
+    assert result.exit_code == 0, result.output
     assert "held-out accuracy on" in result.stdout
     meta = json.loads((tmp_path / "judge" / "f2m_judge.json").read_text())
     assert meta["format"] == "f2m-ray-judge" and meta["data"] == "phantom:120"
     report = meta["report"]
     assert report["train_rows"] + report["val_rows"] == 120 and report["epochs"] == 1
     assert 0.0 <= report["val_accuracy"]["margin"] <= 1.0
-    info = run_cli("judge", "info", out)
-    assert info.returncode == 0 and meta["judge_id"] in info.stdout
-    again = run_cli("judge", "train", "--data", "phantom:120", "--out", out)
-    assert again.returncode == 1 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
-    dry = run_cli("judge", "train", "--data", "phantom", "--out", out, "--epochs", "3", "--dry-run")
-    assert dry.returncode == 0 and json.loads(dry.stdout)["train_config"]["epochs"] == 3
-    bad = run_cli("judge", "train", "--data", "phantom", "--out", out, "--val-fraction", "1.5")
-    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "--val-fraction" in bad.stderr
+    info = invoke("judge", "info", out)
+    assert info.exit_code == 0 and meta["judge_id"] in info.stdout
+    again = invoke("judge", "train", "--data", "phantom:120", "--out", out)
+    assert again.exit_code == 1 and "--overwrite" in again.stderr
+    dry = invoke("judge", "train", "--data", "phantom", "--out", out, "--epochs", "3", "--dry-run")
+    assert dry.exit_code == 0 and json.loads(dry.stdout)["train_config"]["epochs"] == 3
+    bad = invoke("judge", "train", "--data", "phantom", "--out", out, "--val-fraction", "1.5")
+    assert bad.exit_code == 1 and bad.stderr.strip().count("\n") == 0 and "--val-fraction" in bad.stderr

@@ -1,0 +1,212 @@
+"""`evaluate` end to end on phantoms and small synthetic fixtures; bad inputs refused in one line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from click.testing import CliRunner
+
+from f2m_ray import evaluate as evaluate_module
+from f2m_ray import judge as judge_module
+from f2m_ray.errors import F2MError
+from f2m_ray.labels import parse_category
+from f2m_ray.phantom import generate_phantoms
+from f2m_ray.readers import assign_split, to_model_range
+from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, SYNTHETIC_SCHEMA, image_column, png_bytes, write_table
+from f2m_ray_cli.main import _register, cli
+
+REAL = "phantom:200"
+VAL_FRACTION = 0.3
+CATEGORIES = [parse_category(c) for c in ("ill-defined-round", "spiculated-irregular", "circumscribed-oval")]
+TINY = judge_module.JudgeConfig(stem_channels=4, channels=(8, 8, 16, 16), feature_dim=16, dropout=0.0)
+FAST = dict(usefulness_steps=4, usefulness_real=40, usefulness_synthetic=60)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def real_phantoms():
+    """phantom:200 of seed 0 as the reader makes it: (ids, uint8 images, categories, splits)."""
+    rows = list(generate_phantoms(200, 0))
+    ids = [f"phantom-{i:06d}" for i, _, _ in rows]
+    return ids, np.stack([img for _, img, _ in rows]), [c for _, _, c in rows], assign_split(ids, VAL_FRACTION, 0)
+
+
+def write_synthetic(path, images, categories, seed_ids, manifest=True):
+    """A synthetic dataset as `f2m-ray synthesize` lays it out: one Parquet file and the manifest."""
+    n = len(images)
+    table = pa.table(
+        {
+            "sample_id": [f"{c.name}-{i:09d}" for i, c in enumerate(categories)],
+            "sample_index": list(range(n)),
+            "image": image_column([png_bytes(im) for im in images], [f"{i}.png" for i in range(n)]),
+            "height": pa.array([images.shape[1]] * n, pa.int32()),
+            "width": pa.array([images.shape[2]] * n, pa.int32()),
+            "margin": [c.margin for c in categories],
+            "shape": [c.shape for c in categories],
+            "category": [c.name for c in categories],
+            "margin_id": [c.margin_id for c in categories],
+            "shape_id": [c.shape_id for c in categories],
+            "seed_ids": seed_ids,
+            "weights": [[1.0 / len(s)] * len(s) for s in seed_ids],
+            "model_id": ["0" * 16] * n,
+            "bank_id": ["1" * 16] * n,
+            "run_seed": [0] * n,
+            "label_confidence": pa.nulls(n, pa.float32()),
+            "nearest_seed_distance": pa.nulls(n, pa.float32()),
+        },
+        schema=SYNTHETIC_SCHEMA,
+    )
+    write_table(table, str(path / "part-000.parquet"))
+    counts = {}
+    for c in categories:
+        counts[c.name] = counts.get(c.name, 0) + 1
+    if manifest:
+        (path / MANIFEST_NAME).write_text(json.dumps({
+            "format": "f2m-ray-synthetic", "schema_version": SCHEMA_VERSION, "model_id": "0" * 16, "rows": n,
+            "counts": counts, "files": [{"path": "part-000.parquet", "category": "mixed", "rows": n, "start": 0, "stop": n}],
+        }))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    """A tiny judge trained on the real phantoms' training split, and three synthetic datasets."""
+    root = tmp_path_factory.mktemp("evaluate")
+    ids, images, categories, splits = real_phantoms()
+    data = judge_module.LabeledArrays(
+        np.array(ids), to_model_range(images), np.array([c.margin_id for c in categories]),
+        np.array([c.shape_id for c in categories]), np.array(splits))
+    train_config = judge_module.JudgeTrainConfig(epochs=2, batch_size=32, val_fraction=VAL_FRACTION)
+    torch.set_num_threads(1)
+    model, report = judge_module.train_judge(data, TINY, train_config)
+    judge_path = judge_module.save_judge(str(root / "judge"), model, train_config, report, data=REAL)
+
+    # "fresh": phantoms of another seed in the three categories, mixed from training seeds.
+    fresh = list(generate_phantoms(60, 7, CATEGORIES))
+    train_ids = [i for i, s in zip(ids, splits) if s == "train"]
+    fresh_dir = root / "fresh"
+    fresh_dir.mkdir()
+    write_synthetic(fresh_dir, np.stack([im for _, im, _ in fresh]), [c for _, _, c in fresh],
+                    [train_ids[i % len(train_ids): i % len(train_ids) + 3] for i in range(60)])
+
+    # "copies": exact copies of training phantoms of the three categories.
+    copy_rows = [i for i, (c, s) in enumerate(zip(categories, splits)) if c in CATEGORIES and s == "train"]
+    copies_dir = root / "copies"
+    copies_dir.mkdir()
+    write_synthetic(copies_dir, images[copy_rows], [categories[i] for i in copy_rows], [[ids[i]] for i in copy_rows])
+
+    # "small": 32x32 masses; "unfinished": no manifest.
+    small_dir, unfinished_dir = root / "small", root / "unfinished"
+    small_dir.mkdir()
+    unfinished_dir.mkdir()
+    write_synthetic(small_dir, images[:6, :32, :32], categories[:6], [[ids[0]]] * 6)
+    write_synthetic(unfinished_dir, images[:6], categories[:6], [[ids[0]]] * 6, manifest=False)
+    return {"root": root, "judge": judge_path, "fresh": str(fresh_dir), "copies": str(copies_dir),
+            "small": str(small_dir), "unfinished": str(unfinished_dir), "copy_rows": len(copy_rows)}
+
+
+def test_exact_copies_are_flagged_memorized(ray_local, fixtures, tmp_path):
+    config = evaluate_module.EvaluateConfig(**FAST)
+    report = evaluate_module.evaluate(fixtures["copies"], REAL, str(tmp_path / "report"), fixtures["judge"], config)
+    overall = report["groups"]["overall"]
+    assert overall["synthetic_rows"] == fixtures["copy_rows"]
+    assert overall["memorization"]["share"] == 1.0 and overall["memorization"]["share_pixels"] == 1.0
+    assert overall["memorization"]["median_distance_pixels"] == 0.0
+    for category in ("ill-defined-round", "spiculated-irregular", "circumscribed-oval"):
+        assert report["groups"][category]["memorization"]["count"] == report["groups"][category]["synthetic_rows"]
+    assert report["config"]["val_fraction"] == VAL_FRACTION  # taken from the judge
+    assert (tmp_path / "report" / "report.json").exists() and (tmp_path / "report" / "report.html").exists()
+
+
+def invoke(*args):
+    """The real command, in this process (shares the session's Ray)."""
+    _register()
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_cli_end_to_end(ray_local, fixtures, tmp_path):
+    out = tmp_path / "report"
+    result = invoke("evaluate", "--synthetic", fixtures["fresh"], "--real", REAL, "--judge", fixtures["judge"],
+                    "--out", str(out), "--usefulness-steps", "4", "--usefulness-real", "12",
+                    "--usefulness-synthetic", "30")
+    assert result.exit_code == 0, result.output
+    assert "label fidelity" in result.stdout and "usefulness" in result.stdout
+    assert "usefulness: real + synthetic (42)" in result.stderr  # progress lines name each step
+    report = json.loads((out / "report.json").read_text())
+    assert report["format"] == "f2m-ray-evaluation"
+    assert report["inputs"]["synthetic_rows"] == 60
+    assert report["inputs"]["seen_real_rows"] + report["inputs"]["heldout_real_rows"] == 200
+    assert set(report["groups"]) == {"overall", "ill-defined-round", "spiculated-irregular", "circumscribed-oval"}
+    overall = report["groups"]["overall"]
+    assert set(overall) == {"synthetic_rows", "heldout_real_rows", "label_fidelity", "realism", "precision_recall",
+                            "diversity", "memorization"}
+    assert overall["synthetic_rows"] == sum(report["groups"][c]["synthetic_rows"] for c in report["inputs"]["categories"])
+    assert overall["heldout_real_rows"] == report["inputs"]["heldout_real_rows_in_categories"]
+    assert 0.0 <= overall["label_fidelity"]["synthetic"]["margin"] <= 1.0
+    assert overall["realism"]["synthetic_vs_heldout"] > 0.0 and overall["realism"]["floor_half_vs_half"] > 0.0
+    assert overall["precision_recall"]["rows"] == overall["heldout_real_rows"]
+    assert overall["memorization"]["share"] < 0.5  # phantoms of another seed are not copies
+    useful = report["usefulness"]
+    assert (useful["R"], useful["S"], useful["steps"]) == (12, 30, 4)
+    rows = {k: v["train_rows"] for k, v in useful["classifiers"].items()}
+    assert rows == {"real": 12, "real_plus_synthetic": 42, "synthetic": 30}
+    delta = useful["delta_vs_real"]["real_plus_synthetic"]["mean"]
+    assert delta == pytest.approx(useful["classifiers"]["real_plus_synthetic"]["accuracy"]["mean"]
+                                  - useful["classifiers"]["real"]["accuracy"]["mean"])
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 6  # synthetic and real strip per category
+    assert page.count("<svg") == 2 and "spiculated-irregular" in page and "http" not in page.replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_different_image_sizes_refused(ray_local, fixtures, tmp_path):
+    with pytest.raises(F2MError, match="synthetic masses are 32x32 pixels but the real ones are 64x64"):
+        evaluate_module.evaluate(fixtures["small"], REAL, str(tmp_path / "r"), None, evaluate_module.EvaluateConfig(**FAST))
+    assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_bad_inputs_one_line(fixtures, tmp_path):
+    out = str(tmp_path / "r")
+    # A real process: the user sees one line on stderr and exit status 1, no traceback.
+    result = subprocess.run([sys.executable, "-m", "f2m_ray_cli", "evaluate", "--synthetic", fixtures["unfinished"],
+                             "--real", REAL, "--judge", fixtures["judge"], "--out", out], capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "not a synthetic dataset: no _manifest.json" in lines[0], result.stderr
+
+    foreign = tmp_path / "judge"
+    foreign.mkdir()
+    meta = json.loads((fixtures["root"] / "judge" / "f2m_judge.json").read_text())
+    meta["vocabulary"]["shapes"] = ["round", "oval"]
+    (foreign / "f2m_judge.json").write_text(json.dumps(meta))
+    result = invoke("evaluate", "--synthetic", fixtures["fresh"], "--real", REAL, "--judge", str(foreign), "--out", out)
+    assert result.exit_code == 1 and "was written with another BI-RADS vocabulary" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    result = invoke("evaluate", "--synthetic", fixtures["fresh"], "--real", REAL, "--out", out, "--usefulness-steps", "0")
+    assert result.exit_code == 1 and "--usefulness-steps must be a positive integer" in result.stderr
+    dry = invoke("evaluate", "--synthetic", fixtures["fresh"], "--real", REAL, "--out", out, "--dry-run", "--k", "5")
+    assert dry.exit_code == 0 and json.loads(dry.stdout)["config"]["k"] == 5
+    assert not (tmp_path / "r").exists()
+
+
+def test_progress_printer_lines():
+    import io
+
+    stream = io.StringIO()
+    printer = evaluate_module.ProgressPrinter(stream)
+    for done in range(0, 101, 10):
+        printer("usefulness: real (200)", done, 100)
+    lines = stream.getvalue().splitlines()
+    # Not a terminal: one line per quarter (0, 25, 50, 75, 100 percent reached).
+    assert [line.split(":")[1].split("(")[0].strip() for line in lines] == ["real", "real", "real", "real", "real"]
+    assert [line.split()[3] for line in lines] == ["0/100", "30/100", "50/100", "80/100", "100/100"]
