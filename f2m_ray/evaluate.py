@@ -287,6 +287,7 @@ def usefulness(
     config: EvaluateConfig,
     seed: int,
     progress: Progress | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Accuracy on held-out real of fresh classifiers trained on R real, R real + S synthetic, S synthetic."""
     from f2m_ray.judge import fit, new_judge, predict
@@ -311,8 +312,8 @@ def usefulness(
     labels = {"real": "real", "real_plus_synthetic": "real + synthetic", "synthetic": "synthetic"}
     for name, (images, margins, shapes) in sets.items():
         stage = f"usefulness: {labels[name]} ({len(images)})"
-        model = new_judge(judge_config, seed)
-        fit(model, images, margins, shapes, steps_config,
+        model = new_judge(judge_config, seed).to(device)
+        fit(model, images, margins, shapes, steps_config, device=device,
             progress=(lambda done, total, _what, stage=stage: progress(stage, done, total)) if progress else None)
         pred = predict(model, heldout.images)
         overall = metrics.head_accuracies(pred.margin, pred.shape, heldout.margin, heldout.shape)
@@ -353,7 +354,7 @@ def evaluate(
     echo: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Evaluate a synthetic dataset against real data; writes REPORT_DIR/report.{html,json}; returns the report."""
-    from f2m_ray.judge import JudgeConfig, JudgeTrainConfig, collect_labeled, load_judge, predict, train_judge
+    from f2m_ray.judge import collect_labeled, load_judge
     from f2m_ray.readers import read_labeled
     from f2m_ray.runtime import ensure_ray
 
@@ -372,16 +373,51 @@ def evaluate(
     ensure_ray()
     source = read_labeled(real, fmt, config.val_fraction, config.seed)
     real_all = collect_labeled(source.dataset)
+    echo(f"real: {source.description}")
+    inputs = {"synthetic": synthetic_path, "real": real, "real_description": source.description, "judge": judge_path}
+    report, figures = evaluate_arrays(synthetic, real_all, judge, config, inputs, progress, echo)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    if progress:
+        progress("writing the report", 0, 1)
+    write_report(out, report, render_html(report, figures))
+    if progress:
+        progress("writing the report", 1, 1)
+    return report
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate_arrays(
+    synthetic: SyntheticArrays,
+    real_all,  # f2m_ray.judge.LabeledArrays: every real row, with its split
+    judge=None,  # f2m_ray.judge.LoadedJudge, or None to train one on the real training split
+    config: EvaluateConfig = EvaluateConfig(),
+    inputs: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    echo: Callable[[str], None] = lambda line: None,
+    device: str | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The evaluation on arrays in memory (no Ray, no files): (report, figures for the HTML page)."""
+    from f2m_ray.judge import JudgeConfig, JudgeTrainConfig, predict, train_judge
+
+    started = time.perf_counter()
+    inputs = dict(inputs or {})
+    device = device or default_device()
+    config = config.resolved(judge.train_config if judge else None)
     check_sizes(synthetic.images.shape, real_all.images.shape, judge.config.image_size if judge else None)
     notes: list[str] = []
-    if judge and judge.data == real and (judge.train_config.val_fraction, judge.train_config.seed) != (
-            config.val_fraction, config.seed):
+    if judge and judge.data and judge.data == inputs.get("real") and (
+            judge.train_config.val_fraction, judge.train_config.seed) != (config.val_fraction, config.seed):
         notes.append("the judge was trained on these data with another split: some held-out rows were in its training set")
 
     # Seen: the GAN's training split and every ROI a synthetic mass was mixed from.
     seen_mask = (real_all.split == "train") | np.isin(real_all.roi_id, list(synthetic.seed_ids))
     seen, heldout_all = real_all.subset(np.flatnonzero(seen_mask)), real_all.subset(np.flatnonzero(~seen_mask))
-    echo(f"real: {source.description}: {len(seen)} seen (training split and seeds), {len(heldout_all)} held out")
+    echo(f"real: {len(seen)} seen (training split and seeds), {len(heldout_all)} held out")
     if len(heldout_all) < 2:
         raise F2MError(
             f"only {len(heldout_all)} held-out real masses (not in the training split, not used as seeds): "
@@ -389,19 +425,19 @@ def evaluate(
         )
 
     if judge is None:
-        echo(f"no --judge: training one on {len(seen)} seen real masses ({config.judge_epochs} epochs)")
-        train_part = real_all.subset(np.flatnonzero(real_all.split == "train"))
+        train_rows = int((real_all.split == "train").sum())
+        echo(f"no --judge: training one on the {train_rows} real masses of the training split ({config.judge_epochs} epochs)")
+        judge_train_config = JudgeTrainConfig(epochs=config.judge_epochs, val_fraction=config.val_fraction, seed=config.seed)
         model, judge_report = train_judge(
-            real_all, JudgeConfig(), JudgeTrainConfig(epochs=config.judge_epochs, val_fraction=config.val_fraction,
-                                                      seed=config.seed),
+            real_all, JudgeConfig(), judge_train_config, device=device,
             progress=(lambda d, t, _w: progress("training the judge", d, t)) if progress else None,
         )
-        judge_info = {"path": None, "trained_here": True, "train_rows": len(train_part), "report": judge_report}
-        judge_config, judge_train_config = model.cfg, JudgeTrainConfig(seed=config.seed)
+        judge_info = {"path": None, "trained_here": True, "report": judge_report}
+        judge_config = model.cfg
     else:
-        model = judge.model
-        judge_info = {"path": judge_path, "trained_here": False, "judge_id": judge.judge_id, "data": judge.data,
-                      "report": judge.report}
+        model = judge.model.to(device)
+        judge_info = {"path": inputs.get("judge"), "trained_here": False, "judge_id": judge.judge_id,
+                      "data": judge.data, "report": judge.report}
         judge_config, judge_train_config = judge.config, judge.train_config
 
     # Real rows of the synthetic dataset's categories: the reference of every comparison.
@@ -410,8 +446,7 @@ def evaluate(
     in_scope = np.isin(real_category, categories)
     heldout_mask = ~seen_mask & in_scope
     heldout = real_all.subset(np.flatnonzero(heldout_mask))
-    heldout_category = real_category[heldout_mask]
-    missing = [c for c in categories if c not in set(heldout_category.tolist())]
+    missing = [c for c in categories if c not in set(real_category[heldout_mask].tolist())]
     if missing:
         notes.append(f"no held-out real masses of {', '.join(missing)}: their real-side metrics are empty")
 
@@ -419,20 +454,21 @@ def evaluate(
                        if progress else None)
     real_pred = predict(model, real_all.images, progress=(lambda d, t, _w: progress("judging real masses", d, t))
                         if progress else None)
-    seen_rows, heldout_all_rows = np.flatnonzero(seen_mask), np.flatnonzero(~seen_mask)
 
     if progress:
         progress("nearest seen real masses", 0, 2)
-    seen_features = real_pred.features[seen_rows]
+    seen_features = real_pred.features[seen_mask]
     syn_to_seen, _ = metrics.nearest_distances(syn_pred.features, seen_features)
-    heldout_to_seen, _ = metrics.nearest_distances(real_pred.features[heldout_all_rows], seen_features)
-    pixels = synthetic.images.shape[-1] * synthetic.images.shape[-2]
+    heldout_to_seen, _ = metrics.nearest_distances(real_pred.features[~seen_mask], seen_features)
+    if progress:
+        progress("nearest seen real masses", 1, 2)
+    # RMS pixel difference: L2 / sqrt(pixels), in the [-1, 1] units of the images.
+    root_pixels = math.sqrt(synthetic.images.shape[-1] * synthetic.images.shape[-2])
     seen_pixels = seen.images.reshape(len(seen), -1)
-    # RMS pixel difference: L2 / sqrt(pixels), in the [-1, 1] units of the images
-    syn_to_seen_pixels = metrics.nearest_distances(synthetic.images.reshape(len(synthetic.images), -1), seen_pixels)[0]
-    syn_to_seen_pixels /= math.sqrt(pixels)
-    heldout_to_seen_pixels = metrics.nearest_distances(heldout_all.images.reshape(len(heldout_all), -1), seen_pixels)[0]
-    heldout_to_seen_pixels /= math.sqrt(pixels)
+    syn_to_seen_pixels = metrics.nearest_distances(
+        synthetic.images.reshape(len(synthetic.images), -1), seen_pixels)[0] / root_pixels
+    heldout_to_seen_pixels = metrics.nearest_distances(
+        heldout_all.images.reshape(len(heldout_all), -1), seen_pixels)[0] / root_pixels
     if progress:
         progress("nearest seen real masses", 2, 2)
     memo = metrics.memorization(syn_to_seen, heldout_to_seen, config.percentile)
@@ -444,7 +480,7 @@ def evaluate(
         if progress:
             progress("metrics per category", i, len(names))
         syn_rows = np.arange(len(synthetic.margin)) if name == OVERALL else np.flatnonzero(synthetic.category == name)
-        real_rows = np.flatnonzero(heldout_mask) if name == OVERALL else np.flatnonzero(heldout_mask & (real_category == name))
+        real_rows = np.flatnonzero(heldout_mask if name == OVERALL else heldout_mask & (real_category == name))
         groups[name] = group_metrics(
             syn_pred.features[syn_rows],
             (syn_pred.margin[syn_rows], syn_pred.shape[syn_rows]),
@@ -469,16 +505,14 @@ def evaluate(
             notes.append("usefulness skipped: no seen or no held-out real masses of the synthetic categories")
         else:
             useful = usefulness(judge_config, judge_train_config, seen_in_scope, heldout, synthetic, config,
-                                config.seed, progress)
+                                config.seed, progress, device)
 
     report = {
         "format": REPORT_FORMAT,
         "format_version": REPORT_VERSION,
         "tool_version": __version__,
         "inputs": {
-            "synthetic": synthetic_path,
-            "real": real,
-            "real_description": source.description,
+            **inputs,
             "model_id": synthetic.manifest.get("model_id"),
             "synthetic_rows": int(len(synthetic.margin)),
             "categories": categories,
@@ -497,7 +531,6 @@ def evaluate(
         "notes": notes,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    report = _nan_to_none(report)
     figures = {
         "grids": _grids(synthetic, real_all, real_category, categories, config.grid_images, config.seed),
         "histograms": [
@@ -507,12 +540,7 @@ def evaluate(
                            heldout_to_seen_pixels, memo_pixels.threshold),
         ],
     }
-    if progress:
-        progress("writing the report", 0, 1)
-    write_report(out, report, render_html(report, figures))
-    if progress:
-        progress("writing the report", 1, 1)
-    return report
+    return _nan_to_none(report), figures
 
 
 def _check_config(config: EvaluateConfig) -> None:
@@ -677,8 +705,8 @@ def render_html(report: dict[str, Any], figures: dict[str, Any]) -> str:
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th:first-child{text-align:left}"
         "img{image-rendering:pixelated;height:96px}.note{color:#a40}</style></head><body>",
         "<h1>f2m-ray evaluation</h1>",
-        f"<p>synthetic <code>{html.escape(str(inputs['synthetic']))}</code> ({inputs['synthetic_rows']} masses, model "
-        f"{html.escape(str(inputs.get('model_id')))}); real <code>{html.escape(str(inputs['real']))}</code>: "
+        f"<p>synthetic <code>{html.escape(str(inputs.get('synthetic', '')))}</code> ({inputs['synthetic_rows']} masses, model "
+        f"{html.escape(str(inputs.get('model_id')))}); real <code>{html.escape(str(inputs.get('real', '')))}</code>: "
         f"{inputs['seen_real_rows']} seen, {inputs['heldout_real_rows']} held out. {judge_line}. Features: "
         f"{html.escape(inputs['features'])}. f2m-ray {html.escape(report['tool_version'])}, {report['seconds']} s.</p>",
     ]
