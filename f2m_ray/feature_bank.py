@@ -17,6 +17,7 @@ writes one Parquet file with its metadata (f2m_ray.schema). Never pickle.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,7 @@ class ActorPlan:
     actors: int  # actor pool size
     torch_threads: int  # intra-op threads per actor (actors x threads = cores)
     num_cpus: float  # Ray CPU request per actor
-    num_gpus: float  # Ray GPU request per actor (1 when the cluster has GPUs)
+    num_gpus: float  # Ray GPU request per actor: a share of a GPU when the cluster has GPUs
 
     @property
     def device(self) -> str:
@@ -80,10 +81,14 @@ def plan_actors(work_units: int, workers: int | None = None) -> ActorPlan:
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    if gpus:
-        actors = workers or max(1, min(gpus, work_units))
-        return ActorPlan(actors, torch_threads=1, num_cpus=1, num_gpus=1)
     cores = int(resources.get("CPU", 1)) if os.environ.get("RAY_ADDRESS") else local_cores()
+    if gpus:
+        # A GPU decodes ~50x faster than one core plans and PNG-encodes (measured on an H100:
+        # 130k masses/s decode, 1.7k/s per process end to end), so each GPU is shared by
+        # single-core actors (fractional num_gpus) that run the CPU stages side by side.
+        actors = workers or max(1, min(work_units, max(gpus, cores)))
+        share = min(1.0, math.floor(gpus / actors * 10_000) / 10_000)  # Ray counts GPU fractions in 1e-4 units
+        return ActorPlan(actors, torch_threads=1, num_cpus=1, num_gpus=share)
     actors = workers or max(1, min(cores, work_units))
     threads = max(1, cores // actors)
     return ActorPlan(actors, torch_threads=threads, num_cpus=float(threads), num_gpus=0)

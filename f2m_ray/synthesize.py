@@ -636,16 +636,35 @@ def actor_spec(run: ResolvedRun, actors: ActorPlan) -> dict[str, Any]:
     }
 
 
-def _run_on_ray(run: ResolvedRun, todo: list[Shard], progress: _Progress) -> None:
-    """The shards through one Ray Data operator: an actor pool of ShardSynthesizers."""
+class _DropRecords:
+    """A logging filter: drops INFO chatter, and warnings that only echo our own settings."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 and "Progress bars disabled" not in record.getMessage()
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's per-dataset banners would interleave with our progress lines.
+
+    Ray Data re-applies its logging config for every dataset, so levels set on its
+    loggers do not last; a filter on the two loggers that print the banners does.
+    """
     import logging
 
+    for name in ("ray.data._internal.execution.streaming_executor", "ray.data._internal.progress"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropRecords) for f in log.filters):
+            log.addFilter(_DropRecords())
+
+
+def _run_on_ray(run: ResolvedRun, todo: list[Shard], progress: _Progress) -> None:
+    """The shards through one Ray Data operator: an actor pool of ShardSynthesizers."""
     import ray
 
     from f2m_ray.runtime import ensure_ray
 
     ensure_ray()
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    _quiet_ray_data()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # our own progress lines instead (one per REPORT_SECONDS)
     context.print_on_execution_start = False
@@ -683,10 +702,15 @@ def _run_on_ray(run: ResolvedRun, todo: list[Shard], progress: _Progress) -> Non
 
 def _run_in_process(run: ResolvedRun, todo: list[Shard], progress: _Progress) -> None:
     """The same work in this process, shard after shard (small runs, tests, benchmarks)."""
+    import torch
+
     from f2m_ray.feature_bank import local_cores
 
-    actors = ActorPlan(actors=1, torch_threads=local_cores(), num_cpus=0, num_gpus=0)
-    progress.report(f"synthesizing {sum(s.rows for s in todo)} masses in {len(todo)} files in this process")
+    gpu = torch.cuda.is_available()
+    actors = ActorPlan(actors=1, torch_threads=local_cores(), num_cpus=0, num_gpus=1 if gpu else 0)
+    progress.report(
+        f"synthesizing {sum(s.rows for s in todo)} masses in {len(todo)} files in this process on {actors.device}"
+    )
     synthesizer = ShardSynthesizer(actor_spec(run, actors))
     for shard in todo:
         for record in synthesizer.synthesize_shard(shard.category, shard.start, shard.stop, shard.path):
