@@ -153,11 +153,12 @@ def _decode_dicom(raw: bytes) -> Pixels:
     if arr.dtype.kind == "i":  # signed storage: shift to non-negative (windowing is linear)
         arr = arr.astype(np.int64) - int(arr.min())
     top = (1 << bits) - 1
-    arr = np.clip(arr, 0, top)
+    if arr.itemsize * 8 > bits and arr.max() > top:  # stray bits above BitsStored (overlays, noise)
+        arr = np.minimum(arr, top)
     if photometric == "MONOCHROME1":
         arr = top - arr
     dtype = np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32
-    return Pixels(arr.astype(dtype), bits, description)
+    return Pixels(arr.astype(dtype, copy=False), bits, description)
 
 
 def header_size(raw_head: bytes, name: str = "") -> tuple[int, int] | None:

@@ -545,7 +545,8 @@ def _decode(jobs, drops: _Drops, mapped: Counter, val_fraction, seed, options: D
         ok = batch["problem"] == ""
         return {c: batch[c][ok] for c in ROW_COLUMNS}
 
-    blocks = max(1, min(len(jobs), MAX_DECODE_BLOCKS))
+    # Enough blocks to keep every CPU busy on large sets, not a task per row on small ones.
+    blocks = max(1, min(-(-len(jobs) // DECODE_BATCH), MAX_DECODE_BLOCKS))
     with quiet_ray_data():
         decoded = (
             ray.data.from_items(jobs, override_num_blocks=blocks)
@@ -561,7 +562,10 @@ def _decode(jobs, drops: _Drops, mapped: Counter, val_fraction, seed, options: D
         usable = meta[meta["problem"] == ""]
         if usable.empty:
             raise F2MError(f"nothing usable in {what} ({_drop_summary(drops.counts)})")
-        dataset = decoded.map_batches(keep_usable, batch_format="numpy").materialize()
+        if len(usable) == len(meta):  # nothing to filter: a projection of the materialized blocks
+            dataset = decoded.select_columns(list(ROW_COLUMNS))
+        else:
+            dataset = decoded.map_batches(keep_usable, batch_format="numpy").materialize()
     categories = Counter(f"{MARGINS[m]}-{SHAPES[s]}" for m, s in zip(usable["margin"], usable["shape"]))
     split_rows = Counter(usable["split"])
     split_patients = Counter(usable.drop_duplicates(["patient_id", "split"])["split"])

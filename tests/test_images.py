@@ -49,6 +49,11 @@ def test_dicom_12_and_16_bit(tmp_path, bits):
     np.testing.assert_array_equal(pixels.array, array)
 
 
+def test_dicom_bits_above_bits_stored_are_clipped(tmp_path):
+    write_dicom(tmp_path / "a.dcm", np.array([[100, 5000], [4095, 0]], np.uint16), 12, "x")
+    np.testing.assert_array_equal(decode((tmp_path / "a.dcm").read_bytes()).array, [[100, 4095], [4095, 0]])
+
+
 def test_dicom_monochrome1_is_inverted(tmp_path):
     import pydicom
 
