@@ -23,10 +23,10 @@ from f2m_ray_cli.main import cli
               help="R: real masses for the usefulness classifiers.")
 @click.option("--usefulness-synthetic", "usefulness_synthetic", type=int, default=10_000, show_default=True,
               help="S: synthetic masses added (capped at the dataset's size).")
-@click.option("--usefulness-steps", "usefulness_steps", type=int, default=800, show_default=True,
+@click.option("--usefulness-steps", "usefulness_steps", type=int, default=2000, show_default=True,
               help="Optimizer steps for each usefulness classifier.")
 @click.option("--no-usefulness", is_flag=True, help="Skip the usefulness classifiers (the slowest step).")
-@click.option("--judge-epochs", type=int, default=30, show_default=True, help="Epochs for a judge trained here.")
+@click.option("--judge-epochs", type=int, default=100, show_default=True, help="Epochs for a judge trained here.")
 @click.option("--k", type=int, default=3, show_default=True, help="Neighbourhood of the precision/recall manifolds.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")

@@ -20,7 +20,7 @@ def judge() -> None:
 @click.option("--data", required=True, help="Labeled ROIs: phantom[:N], a manifest CSV/Parquet, or a folder with manifest.csv.")
 @click.option("--format", "fmt", default="auto", show_default=True, help="Data format: auto or manifest.")
 @click.option("--out", required=True, help="Judge directory to write (local or s3://).")
-@click.option("--epochs", type=int, default=None, help="Passes over the training split [default: 30].")
+@click.option("--epochs", type=int, default=None, help="Passes over the training split [default: 100].")
 @click.option("--batch-size", type=int, default=None, help="Global batch size [default: 64].")
 @click.option("--lr", type=float, default=None, help="AdamW learning rate [default: 1e-3].")
 @click.option("--val-fraction", type=float, default=None,

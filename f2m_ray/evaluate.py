@@ -5,10 +5,16 @@ data (any `f2m_ray.readers` source) and optionally a judge (f2m_ray.judge; train
 real training split when none is given). Output: ``REPORT_DIR/report.json`` and a
 self-contained ``REPORT_DIR/report.html`` (images inline), the JSON written last.
 
-The real rows fall in two sets:
-    seen      the training split (the GAN trained on it) plus every ROI that a synthetic row
-              names among its seeds (synthesis may mix held-out ROIs too)
-    held out  the rest: never seen by the GAN, the synthesis or the judge
+The real rows fall in three sets:
+    seen      what the GAN trained on (the training split recorded in the feature bank that the
+              synthetic dataset's manifest names; the split rule when the bank cannot be read)
+              plus every ROI that a synthetic row names among its seeds (synthesis may mix
+              held-out ROIs too): the "training seeds" of the memorization metric
+    held out  never seen by the GAN, the synthesis or the judge (the judge's own training ids
+              are recorded beside it); every comparison and test uses these
+    the rest  seen by the judge only: unused
+So a real source larger than the GAN's (``--real phantom:10000`` after training on
+``phantom:2000``) gives a larger held-out set, and with it steadier figures.
 
 Metrics, per synthetic category and overall (real rows restricted to the synthetic dataset's
 categories, so that "overall" compares like with like), all in the judge's penultimate
@@ -67,9 +73,9 @@ class EvaluateConfig:
     seed: int | None = None  # split and subsampling seed; None: the judge's (or 0)
     usefulness_real: int = 200  # R: seen real masses the usefulness classifiers start from
     usefulness_synthetic: int = 10_000  # S: synthetic masses added (capped at what the dataset holds)
-    usefulness_steps: int = 800  # optimizer steps for each usefulness classifier (same for all three)
+    usefulness_steps: int = 2000  # optimizer steps for each usefulness classifier (same for all three)
     usefulness: bool = True  # train the three usefulness classifiers (the slowest step)
-    judge_epochs: int = 30  # epochs for a judge trained here (no --judge)
+    judge_epochs: int = 100  # epochs for a judge trained here (no --judge)
     k: int = 3  # neighbourhood of the precision/recall manifolds
     percentile: float = 1.0  # memorization threshold: this percentile of held-out-to-seen distances
     grid_images: int = 8  # masses per category and row in the report's grids
@@ -375,7 +381,10 @@ def evaluate(
     real_all = collect_labeled(source.dataset)
     echo(f"real: {source.description}")
     inputs = {"synthetic": synthetic_path, "real": real, "real_description": source.description, "judge": judge_path}
-    report, figures = evaluate_arrays(synthetic, real_all, judge, config, inputs, progress, echo)
+    gan_train_ids, gan_source = gan_training_ids(synthetic.manifest)
+    inputs["gan_training_set"] = gan_source
+    report, figures = evaluate_arrays(synthetic, real_all, judge, config, inputs, progress, echo,
+                                      gan_train_ids=gan_train_ids)
     report["seconds"] = round(time.perf_counter() - started, 1)
     if progress:
         progress("writing the report", 0, 1)
@@ -383,6 +392,20 @@ def evaluate(
     if progress:
         progress("writing the report", 1, 1)
     return report
+
+
+def gan_training_ids(manifest: dict[str, Any]) -> tuple[set[str] | None, str]:
+    """The roi ids the GAN trained on, from the feature bank the manifest names: (ids or None, where from)."""
+    from f2m_ray.feature_bank import load_feature_bank
+
+    bank = (manifest.get("arguments") or {}).get("bank")
+    if not bank:
+        return None, "split rule (the manifest names no feature bank)"
+    try:
+        loaded = load_feature_bank(str(bank))
+    except F2MError as err:
+        return None, f"split rule (feature bank unreadable: {err})"
+    return set(loaded.roi_id[loaded.split == "train"].tolist()), f"feature bank {bank}"
 
 
 def default_device() -> str:
@@ -400,8 +423,12 @@ def evaluate_arrays(
     progress: Progress | None = None,
     echo: Callable[[str], None] = lambda line: None,
     device: str | None = None,
+    gan_train_ids: set[str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The evaluation on arrays in memory (no Ray, no files): (report, figures for the HTML page)."""
+    """The evaluation on arrays in memory (no Ray, no files): (report, figures for the HTML page).
+
+    `gan_train_ids`: the roi ids the GAN trained on; None means the rows of split "train".
+    """
     from f2m_ray.judge import JudgeConfig, JudgeTrainConfig, predict, train_judge
 
     started = time.perf_counter()
@@ -410,18 +437,27 @@ def evaluate_arrays(
     config = config.resolved(judge.train_config if judge else None)
     check_sizes(synthetic.images.shape, real_all.images.shape, judge.config.image_size if judge else None)
     notes: list[str] = []
-    if judge and judge.data and judge.data == inputs.get("real") and (
+    inputs.setdefault("gan_training_set", "split rule" if gan_train_ids is None else "given roi ids")
+    if judge and judge.train_ids is None and judge.data and judge.data == inputs.get("real") and (
             judge.train_config.val_fraction, judge.train_config.seed) != (config.val_fraction, config.seed):
         notes.append("the judge was trained on these data with another split: some held-out rows were in its training set")
 
-    # Seen: the GAN's training split and every ROI a synthetic mass was mixed from.
-    seen_mask = (real_all.split == "train") | np.isin(real_all.roi_id, list(synthetic.seed_ids))
-    seen, heldout_all = real_all.subset(np.flatnonzero(seen_mask)), real_all.subset(np.flatnonzero(~seen_mask))
-    echo(f"real: {len(seen)} seen (training split and seeds), {len(heldout_all)} held out")
+    # Seen: what the GAN trained on and every ROI a synthetic mass was mixed from.
+    in_training_split = real_all.split == "train"
+    gan_seen = in_training_split if gan_train_ids is None else np.isin(real_all.roi_id, list(gan_train_ids))
+    seen_mask = gan_seen | np.isin(real_all.roi_id, list(synthetic.seed_ids))
+    # Held out: seen by neither the GAN, the synthesis nor the judge.
+    if judge is not None and judge.train_ids is not None:
+        judge_seen = np.isin(real_all.roi_id, list(judge.train_ids))
+    else:
+        judge_seen = in_training_split  # a judge trained here, or one without recorded ids, used the split
+    heldout_all_mask = ~seen_mask & ~judge_seen
+    seen, heldout_all = real_all.subset(np.flatnonzero(seen_mask)), real_all.subset(np.flatnonzero(heldout_all_mask))
+    echo(f"real: {len(seen)} seen by the GAN or used as seeds, {len(heldout_all)} held out")
     if len(heldout_all) < 2:
         raise F2MError(
-            f"only {len(heldout_all)} held-out real masses (not in the training split, not used as seeds): "
-            f"use more real data or a larger --val-fraction"
+            f"only {len(heldout_all)} held-out real masses (seen by neither the GAN, the seeds nor the judge): "
+            f"use more real data"
         )
 
     if judge is None:
@@ -432,19 +468,20 @@ def evaluate_arrays(
             real_all, JudgeConfig(), judge_train_config, device=device,
             progress=(lambda d, t, _w: progress("training the judge", d, t)) if progress else None,
         )
-        judge_info = {"path": None, "trained_here": True, "report": judge_report}
+        judge_info = {"path": None, "trained_here": True, "report": judge_report, "training_set": "split rule"}
         judge_config = model.cfg
     else:
         model = judge.model.to(device)
         judge_info = {"path": inputs.get("judge"), "trained_here": False, "judge_id": judge.judge_id,
-                      "data": judge.data, "report": judge.report}
+                      "data": judge.data, "report": judge.report,
+                      "training_set": "recorded roi ids" if judge.train_ids is not None else "split rule"}
         judge_config, judge_train_config = judge.config, judge.train_config
 
     # Real rows of the synthetic dataset's categories: the reference of every comparison.
     categories = sorted(set(synthetic.category.tolist()))
     real_category = np.array([f"{MARGINS[m]}-{SHAPES[s]}" for m, s in zip(real_all.margin, real_all.shape)])
     in_scope = np.isin(real_category, categories)
-    heldout_mask = ~seen_mask & in_scope
+    heldout_mask = heldout_all_mask & in_scope
     heldout = real_all.subset(np.flatnonzero(heldout_mask))
     missing = [c for c in categories if c not in set(real_category[heldout_mask].tolist())]
     if missing:
@@ -459,7 +496,7 @@ def evaluate_arrays(
         progress("nearest seen real masses", 0, 2)
     seen_features = real_pred.features[seen_mask]
     syn_to_seen, _ = metrics.nearest_distances(syn_pred.features, seen_features)
-    heldout_to_seen, _ = metrics.nearest_distances(real_pred.features[~seen_mask], seen_features)
+    heldout_to_seen, _ = metrics.nearest_distances(real_pred.features[heldout_all_mask], seen_features)
     if progress:
         progress("nearest seen real masses", 1, 2)
     # RMS pixel difference: L2 / sqrt(pixels), in the [-1, 1] units of the images.

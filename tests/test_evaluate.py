@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from f2m_ray import evaluate as evaluate_module
 from f2m_ray import judge as judge_module
 from f2m_ray.errors import F2MError
+from f2m_ray.feature_bank import write_feature_bank
 from f2m_ray.labels import parse_category
 from f2m_ray.phantom import generate_phantoms
 from f2m_ray.readers import assign_split, to_model_range
@@ -41,7 +42,7 @@ def real_phantoms():
     return ids, np.stack([img for _, img, _ in rows]), [c for _, _, c in rows], assign_split(ids, VAL_FRACTION, 0)
 
 
-def write_synthetic(path, images, categories, seed_ids, manifest=True):
+def write_synthetic(path, images, categories, seed_ids, manifest=True, bank=None):
     """A synthetic dataset as `f2m-ray synthesize` lays it out: one Parquet file and the manifest."""
     n = len(images)
     table = pa.table(
@@ -74,6 +75,7 @@ def write_synthetic(path, images, categories, seed_ids, manifest=True):
         (path / MANIFEST_NAME).write_text(json.dumps({
             "format": "f2m-ray-synthetic", "schema_version": SCHEMA_VERSION, "model_id": "0" * 16, "rows": n,
             "counts": counts, "files": [{"path": "part-000.parquet", "category": "mixed", "rows": n, "start": 0, "stop": n}],
+            "arguments": {"bank": bank} if bank else {},
         }))
     return str(path)
 
@@ -89,7 +91,16 @@ def fixtures(tmp_path_factory):
     train_config = judge_module.JudgeTrainConfig(epochs=2, batch_size=32, val_fraction=VAL_FRACTION)
     torch.set_num_threads(1)
     model, report = judge_module.train_judge(data, TINY, train_config)
-    judge_path = judge_module.save_judge(str(root / "judge"), model, train_config, report, data=REAL)
+    judge_train_ids = [i for i, s in zip(ids, splits) if s == "train"]
+    judge_path = judge_module.save_judge(str(root / "judge"), model, train_config, report, data=REAL,
+                                         train_ids=judge_train_ids)
+
+    # The GAN's feature bank: it trained on the training-split phantoms among the first 100 only.
+    gan_train = np.array([s == "train" and i < 100 for i, s in enumerate(splits)])
+    bank = write_feature_bank(
+        str(root / "feature_bank.parquet"), np.array(ids), np.array([c.margin_id for c in categories]),
+        np.array([c.shape_id for c in categories]), np.where(gan_train, "train", "val"), np.array(ids),
+        np.array(["phantom"] * 200), [png_bytes(im) for im in images], np.zeros((200, 4), np.float32), "0" * 16)
 
     # "fresh": phantoms of another seed in the three categories, mixed from training seeds.
     fresh = list(generate_phantoms(60, 7, CATEGORIES))
@@ -103,7 +114,11 @@ def fixtures(tmp_path_factory):
     copy_rows = [i for i, (c, s) in enumerate(zip(categories, splits)) if c in CATEGORIES and s == "train"]
     copies_dir = root / "copies"
     copies_dir.mkdir()
-    write_synthetic(copies_dir, images[copy_rows], [categories[i] for i in copy_rows], [[ids[i]] for i in copy_rows])
+    write_synthetic(copies_dir, images[copy_rows], [categories[i] for i in copy_rows], [[ids[i]] for i in copy_rows],
+                    bank=bank)
+    seen = gan_train.copy()
+    seen[copy_rows] = True
+    heldout = ~seen & (np.array(splits) != "train")  # the judge trained on the whole training split
 
     # "small": 32x32 masses; "unfinished": no manifest.
     small_dir, unfinished_dir = root / "small", root / "unfinished"
@@ -112,7 +127,8 @@ def fixtures(tmp_path_factory):
     write_synthetic(small_dir, images[:6, :32, :32], categories[:6], [[ids[0]]] * 6)
     write_synthetic(unfinished_dir, images[:6], categories[:6], [[ids[0]]] * 6, manifest=False)
     return {"root": root, "judge": judge_path, "fresh": str(fresh_dir), "copies": str(copies_dir),
-            "small": str(small_dir), "unfinished": str(unfinished_dir), "copy_rows": len(copy_rows)}
+            "small": str(small_dir), "unfinished": str(unfinished_dir), "copy_rows": len(copy_rows),
+            "copies_seen": int(seen.sum()), "copies_heldout": int(heldout.sum()), "bank": bank}
 
 
 def test_exact_copies_are_flagged_memorized(ray_local, fixtures, tmp_path):
@@ -125,6 +141,11 @@ def test_exact_copies_are_flagged_memorized(ray_local, fixtures, tmp_path):
     for category in ("ill-defined-round", "spiculated-irregular", "circumscribed-oval"):
         assert report["groups"][category]["memorization"]["count"] == report["groups"][category]["synthetic_rows"]
     assert report["config"]["val_fraction"] == VAL_FRACTION  # taken from the judge
+    # Seen: the bank's training rows plus the seeds; held out: neither those nor the judge's training rows.
+    inputs = report["inputs"]
+    assert inputs["gan_training_set"] == f"feature bank {fixtures['bank']}"
+    assert (inputs["seen_real_rows"], inputs["heldout_real_rows"]) == (fixtures["copies_seen"], fixtures["copies_heldout"])
+    assert report["judge"]["training_set"] == "recorded roi ids"
     assert (tmp_path / "report" / "report.json").exists() and (tmp_path / "report" / "report.html").exists()
 
 

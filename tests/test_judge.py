@@ -110,9 +110,11 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     data = easy_set(40, seed=4, val=10)
     model, report = judge_module.train_judge(data, TINY, JudgeTrainConfig(steps=2, batch_size=16))
     path = str(tmp_path / "judge")
-    judge_module.save_judge(path, model, JudgeTrainConfig(steps=2, batch_size=16), report, data="constructed")
+    judge_module.save_judge(path, model, JudgeTrainConfig(steps=2, batch_size=16), report, data="constructed",
+                            train_ids=["roi-0002", "roi-0001"])
     loaded = judge_module.load_judge(path)
     assert loaded.config == TINY and loaded.train_config.steps == 2 and loaded.data == "constructed"
+    assert loaded.train_ids == {"roi-0001", "roi-0002"}
     assert loaded.report["val_rows"] == 10 and len(loaded.judge_id) == 16
     np.testing.assert_allclose(judge_module.predict(loaded.model, data.images).features,
                                judge_module.predict(model, data.images).features, rtol=1e-6)
@@ -148,6 +150,8 @@ def test_cli_judge_train_on_ray_train_and_info(ray_local, tmp_path):
     assert meta["format"] == "f2m-ray-judge" and meta["data"] == "phantom:120"
     report = meta["report"]
     assert report["train_rows"] + report["val_rows"] == 120 and report["epochs"] == 1
+    train_ids = json.loads((tmp_path / "judge" / "train_ids.json").read_text())
+    assert len(train_ids) == report["train_rows"] and train_ids == sorted(train_ids)
     assert 0.0 <= report["val_accuracy"]["margin"] <= 1.0
     info = invoke("judge", "info", out)
     assert info.exit_code == 0 and meta["judge_id"] in info.stdout
