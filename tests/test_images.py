@@ -49,9 +49,12 @@ def test_dicom_12_and_16_bit(tmp_path, bits):
     np.testing.assert_array_equal(pixels.array, array)
 
 
-def test_dicom_bits_above_bits_stored_are_clipped(tmp_path):
+def test_dicom_bits_above_bits_stored_are_not_pixel_data(tmp_path):
+    # Bits above HighBit are not part of the value (DICOM PS3.5 8.1.1): 5000 stored in 12 bits reads 904.
     write_dicom(tmp_path / "a.dcm", np.array([[100, 5000], [4095, 0]], np.uint16), 12, "x")
-    np.testing.assert_array_equal(decode((tmp_path / "a.dcm").read_bytes()).array, [[100, 4095], [4095, 0]])
+    pixels = decode((tmp_path / "a.dcm").read_bytes())
+    np.testing.assert_array_equal(pixels.array, [[100, 5000 & 0xFFF], [4095, 0]])
+    assert pixels.array.max() <= 4095
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path):
