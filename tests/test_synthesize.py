@@ -147,16 +147,26 @@ def test_torch_dataset_gives_images_and_label_ids(local_run):
 # ---------------------------------------------------------------- determinism
 
 
-def test_one_and_three_actors_give_identical_rows(model, local_run, tmp_path):
-    one = read_table(str(synthesize(config(model, tmp_path / "one", n=300, rows_per_file=100, workers=1),
-                                    report=None).out))
-    three = read_table(str(synthesize(config(model, tmp_path / "three", n=300, rows_per_file=100, workers=3),
-                                      report=None).out))
-    # Also the first 300 rows of the 1,000-row run (2 actors, 250-row files): same samples.
-    thousand = by_index(read_table(str(local_run[0]))).slice(0, 300)
-    for other in (three, thousand):
-        for column in ("sample_id", "seed_ids", "weights", "image", "nearest_seed_distance"):
-            assert by_index(one).column(column).to_pylist() == by_index(other).column(column).to_pylist(), column
+SMALL = dict(n=1500, rows_per_file=50)  # 30 files: enough to kill a run half-way
+
+
+@pytest.fixture(scope="module")
+def one_actor(model, tmp_path_factory, ray_local):
+    """An uninterrupted run with one actor: the reference for determinism and resume."""
+    out = tmp_path_factory.mktemp("one") / "dataset"
+    synthesize(config(model, out, workers=1, **SMALL), report=None)
+    return out
+
+
+def test_one_and_three_actors_give_identical_rows(model, one_actor, local_run, tmp_path):
+    one = by_index(read_table(str(one_actor)))
+    three = by_index(read_table(str(synthesize(config(model, tmp_path / "three", workers=3, **SMALL),
+                                               report=None).out)))
+    # Also the 1,000-row run (2 actors, 250-row files): the same samples where they overlap.
+    thousand = by_index(read_table(str(local_run[0])))
+    for column in ("sample_id", "seed_ids", "weights", "image", "nearest_seed_distance"):
+        assert one.column(column).to_pylist() == three.column(column).to_pylist(), column
+        assert one.column(column).to_pylist()[:1000] == thousand.column(column).to_pylist(), column
 
 
 def _free_port() -> int:
@@ -165,9 +175,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_killed_run_resumes_to_the_same_bytes(model, tmp_path, ray_local):
-    args = ["synthesize", "--category", CATEGORY, "--n", "3000", "--rows-per-file", "100", "--model", model,
-            "--workers", "1"]
+def test_killed_run_resumes_to_the_same_bytes(model, one_actor, tmp_path, ray_local):
+    args = ["synthesize", "--category", CATEGORY, "--n", str(SMALL["n"]), "--rows-per-file",
+            str(SMALL["rows_per_file"]), "--model", model, "--workers", "1"]
     killed = tmp_path / "killed"
     # A second driver on this session's Ray cluster, killed hard once two files exist.
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
@@ -178,7 +188,7 @@ def test_killed_run_resumes_to_the_same_bytes(model, tmp_path, ray_local):
     while time.time() < deadline and process.poll() is None:
         if folder.exists() and len([n for n in os.listdir(folder) if n.startswith("part-")]) >= 2:
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     done = [n for n in os.listdir(folder) if n.startswith("part-")]
@@ -186,13 +196,12 @@ def test_killed_run_resumes_to_the_same_bytes(model, tmp_path, ray_local):
     assert not (killed / MANIFEST_NAME).exists()  # unfinished: no manifest
     with pytest.raises(F2MError, match="unfinished synthetic dataset"):
         read_table(str(killed))
-    summary = synthesize(config(model, killed, n=3000, rows_per_file=100, workers=2, resume=True), report=None)
+    summary = synthesize(config(model, killed, workers=2, resume=True, **SMALL), report=None)
     assert summary.files == 30 and summary.written_files <= 30 - len(done) + 1  # + a file being written at the kill
-    whole = synthesize(config(model, tmp_path / "whole", n=3000, rows_per_file=100, workers=2), report=None)
-    for name in sorted(os.listdir(tmp_path / "whole" / CATEGORY)):
-        assert (folder / name).read_bytes() == (tmp_path / "whole" / CATEGORY / name).read_bytes(), name
-    assert sorted(n for n in os.listdir(folder)) == sorted(os.listdir(tmp_path / "whole" / CATEGORY))
-    assert whole.rows == summary.rows == 3000
+    reference = one_actor / CATEGORY
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(reference))
+    for name in os.listdir(reference):
+        assert (folder / name).read_bytes() == (reference / name).read_bytes(), name
 
 
 # ---------------------------------------------------------------- S3
