@@ -99,22 +99,18 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, default=10_000)
     parser.add_argument("--real", type=int, default=2_000)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--cores", type=int, default=None, help="pin this process to the first N cores")
+    parser.add_argument("--cores", type=int, default=None, help="after rendering, pin to the first N cores")
     parser.add_argument("--render-workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--judge-epochs", type=int, default=30)
-    parser.add_argument("--usefulness-steps", type=int, default=800)
+    parser.add_argument("--judge-epochs", type=int, default=JudgeTrainConfig().epochs)
+    parser.add_argument("--usefulness-steps", type=int, default=ev.EvaluateConfig().usefulness_steps)
     parser.add_argument("--judge-only", action="store_true", help="only train judges and print their accuracy")
     parser.add_argument("--epochs", type=int, nargs="+", default=[30])
     parser.add_argument("--variants", nargs="+", default=["default"])
     parser.add_argument("--out", default=None, help="also write report.json/html here")
     args = parser.parse_args()
-    if args.cores:
-        os.sched_setaffinity(0, set(range(args.cores)))
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"cores visible {len(os.sched_getaffinity(0))}", flush=True)
 
     start = time.perf_counter()
     real = real_arrays(args.real, 0.1, args.render_workers)
@@ -128,6 +124,10 @@ def main() -> None:
         write_synthetic(tmp, rows, list(real.roi_id[real.split == "train"]))
         print(f"render + write {args.synthetic} synthetic phantoms: {time.perf_counter() - start:.1f} s "
               f"(not part of evaluate)", flush=True)
+        if args.cores:  # after rendering: only evaluate runs as on an N-core machine
+            os.sched_setaffinity(0, set(range(args.cores)))
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+              f"cores visible {len(os.sched_getaffinity(0))}", flush=True)
 
         timings: dict[str, float] = {}
         stage_start = {"name": None, "t": time.perf_counter()}
@@ -162,6 +162,16 @@ def main() -> None:
     for stage, seconds in timings.items():
         print(f"  {stage:<45} {seconds:8.1f} s", flush=True)
     print(f"total {total:.1f} s = {total / 60:.1f} min; budget 15 min; ratio {total / 900:.2f} of the budget")
+    # Training time is linear in images seen: scale the two training stages to the defaults.
+    defaults = ev.EvaluateConfig()
+    judge_s = timings["train the judge"]
+    useful_s = sum(v for k, v in timings.items() if k.startswith("usefulness"))
+    scaled = (total - judge_s - useful_s + judge_s * JudgeTrainConfig().epochs / args.judge_epochs
+              + useful_s * defaults.usefulness_steps / args.usefulness_steps)
+    print(f"at the defaults (judge {JudgeTrainConfig().epochs} epochs, usefulness {defaults.usefulness_steps} steps): "
+          f"{scaled:.0f} s = {scaled / 60:.1f} min; ratio {scaled / 900:.2f} of the budget")
+    print(f"judge training {len(real.roi_id[real.split == 'train']) * args.judge_epochs / judge_s:.0f} images/s; "
+          f"usefulness training {3 * args.usefulness_steps * 64 / useful_s:.0f} images/s")
     overall = result["groups"]["overall"]
     print(json.dumps({"judge_val": report["val_accuracy"], "fidelity": overall["label_fidelity"]["synthetic"],
                       "fd": overall["realism"], "pr": overall["precision_recall"],

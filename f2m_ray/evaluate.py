@@ -499,13 +499,8 @@ def evaluate_arrays(
     heldout_to_seen, _ = metrics.nearest_distances(real_pred.features[heldout_all_mask], seen_features)
     if progress:
         progress("nearest seen real masses", 1, 2)
-    # RMS pixel difference: L2 / sqrt(pixels), in the [-1, 1] units of the images.
-    root_pixels = math.sqrt(synthetic.images.shape[-1] * synthetic.images.shape[-2])
-    seen_pixels = seen.images.reshape(len(seen), -1)
-    syn_to_seen_pixels = metrics.nearest_distances(
-        synthetic.images.reshape(len(synthetic.images), -1), seen_pixels)[0] / root_pixels
-    heldout_to_seen_pixels = metrics.nearest_distances(
-        heldout_all.images.reshape(len(heldout_all), -1), seen_pixels)[0] / root_pixels
+    syn_to_seen_pixels = metrics.nearest_rms_pixel_distances(synthetic.images, seen.images)
+    heldout_to_seen_pixels = metrics.nearest_rms_pixel_distances(heldout_all.images, seen.images)
     if progress:
         progress("nearest seen real masses", 2, 2)
     memo = metrics.memorization(syn_to_seen, heldout_to_seen, config.percentile)

@@ -202,6 +202,8 @@ def fit(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     model.train()
     step, epoch, last_loss = 0, 0, float("nan")
+    if progress:
+        progress(0, total_steps, "steps")
     while step < total_steps:
         permutation = torch.randperm(n, generator=order_generator)
         losses = []
@@ -260,6 +262,8 @@ def predict(model: Judge, images: np.ndarray, batch_size: int = PREDICT_BATCH,
     model.eval()
     device = next(model.parameters()).device
     margin, shape, features = [], [], []
+    if progress:
+        progress(0, len(images), "images")
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32))

@@ -8,6 +8,7 @@ tests can check them on sets whose answers are known.
     precision_recall       k-NN manifolds (Kynkaanniemi et al., NeurIPS 2019)
     diversity              mean pairwise distance (deterministic subsample for large sets)
     nearest_distances      distance of each query to its nearest reference (chunked)
+    nearest_rms_pixel_distances  the same on images, as RMS pixel difference
     memorization           share of synthetic samples closer to a training sample than the
                            1st percentile of held-out-real-to-training distances
     head_accuracies        accuracy per classifier head (margin, shape) and their mean
@@ -61,6 +62,21 @@ def nearest_distances(
         indices[start : start + len(block)] = nearest
         distances[start : start + len(block)] = block[np.arange(len(block)), nearest]
     return distances, indices
+
+
+def nearest_rms_pixel_distances(images: np.ndarray, references: np.ndarray, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+    """RMS pixel difference of each image to its nearest reference image: (N,).
+
+    images (N, H, W) and references (M, H, W) in the same units (f2m-ray's [-1, 1]); the
+    result is L2 / sqrt(H * W): 0 for an exact copy, about 0.1 for two phantoms' backgrounds.
+    Needs no model, so synthesis can store it for every mass and evaluate reads it the same way.
+    """
+    images, references = np.asarray(images), np.asarray(references)
+    if images.shape[1:] != references.shape[1:]:
+        raise ValueError(f"images {images.shape[1:]} and references {references.shape[1:]} differ in size")
+    pixels = int(np.prod(images.shape[1:]))
+    distances, _ = nearest_distances(images.reshape(len(images), pixels), references.reshape(len(references), pixels), chunk)
+    return distances / np.sqrt(pixels)
 
 
 def kth_neighbour_radii(features: np.ndarray, k: int, chunk: int = DEFAULT_CHUNK) -> np.ndarray:

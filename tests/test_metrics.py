@@ -68,6 +68,19 @@ def test_nearest_distances_and_chunking():
                                metrics.nearest_distances(big_q, big_r)[0])
 
 
+def test_nearest_rms_pixel_distances():
+    references = np.zeros((3, 4, 4))
+    references[1] += 0.5
+    references[2, :2] = 1.0  # half the pixels at 1
+    images = np.stack([references[1], np.full((4, 4), 0.6), np.ones((4, 4))])
+    distances = metrics.nearest_rms_pixel_distances(images, references, chunk=2)
+    # copy -> 0; 0.6 everywhere is 0.1 from the 0.5 image; ones are 0.5 from it, nearer than the
+    # half-ones image (sqrt(8 / 16) = 0.71)
+    np.testing.assert_allclose(distances, [0.0, 0.1, 0.5], atol=1e-7)
+    with pytest.raises(ValueError, match="differ in size"):
+        metrics.nearest_rms_pixel_distances(images[:, :2], references)
+
+
 def test_kth_neighbour_radii_on_a_line():
     points = np.array([[0.0], [1.0], [3.0], [6.0]])
     np.testing.assert_allclose(metrics.kth_neighbour_radii(points, 1, chunk=3), [1.0, 1.0, 2.0, 3.0])
