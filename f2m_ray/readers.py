@@ -341,7 +341,10 @@ def read_manifest(
     required = ["path", "margin", "shape"] + (["mask_path"] if options.roi_source == "mask" else [])
     missing = [c for c in required if c not in table.column_names]
     if missing:
-        raise F2MError(f"manifest {manifest_path} is missing column(s): {', '.join(missing)}")
+        hint = ""
+        if {"mass margins", "mass shape"} <= {" ".join(c.lower().replace("_", " ").split()) for c in table.column_names}:
+            hint = " (a CBIS-DDSM case-description CSV: use --format cbis-ddsm or auto)"
+        raise F2MError(f"manifest {manifest_path} is missing column(s): {', '.join(missing)}{hint}")
     base = manifest_path.rsplit("/", 1)[0] if "/" in manifest_path else "."
     columns = {c: table.column(c).to_pylist() for c in table.column_names}
     n = table.num_rows

@@ -233,6 +233,8 @@ def test_file_level_problems_are_one_clear_error(tmp_path):
     (tmp_path / "header.csv").write_text("path,margin,shape\n")
     with pytest.raises(F2MError, match="the manifest has no rows"):
         read_labeled(str(tmp_path / "header.csv"))
+    with pytest.raises(F2MError, match=r"missing column\(s\): path, margin, shape \(a CBIS-DDSM case-description CSV"):
+        read_labeled(str(write_cbis_fixture(tmp_path / "cbis")), fmt="manifest")
     with pytest.raises(F2MError, match="unknown data format"):
         read_labeled("phantom", fmt="dicom")
     (tmp_path / "empty_dir").mkdir()
