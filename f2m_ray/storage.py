@@ -57,6 +57,13 @@ def arrow_filesystem(path: str):
             region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
             if region:
                 kwargs["region"] = region
+        # Explicit keys from the environment travel with the (pickled) filesystem into Ray
+        # actors that started before the variables were set (e.g. Ray Train's controller).
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if key and secret:
+            kwargs.update(access_key=key, secret_key=secret)
+            if os.environ.get("AWS_SESSION_TOKEN"):
+                kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
         return pafs.S3FileSystem(**kwargs), path[len("s3://"):]
     if is_remote(path):
         fs, inner = filesystem(path)

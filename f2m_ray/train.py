@@ -30,6 +30,7 @@ Why the settings are what they are:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -64,6 +65,7 @@ from f2m_ray.train_report import (
 )
 
 SAMPLES_PER_CATEGORY = 4  # real ROIs per category row of the sample grid
+VAL_BATCH = 512  # held-out rows per evaluation batch (D is evaluated with batch statistics)
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
 FEATURE_BANK_MODULE = "f2m_ray.feature_bank"
 # Environment variables the workers need to reach the same S3 endpoint as the driver.
@@ -302,28 +304,36 @@ def state_checksum(*modules: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def evaluate_real(generator, d_margin, d_shape, batches, device, autocast_bf16: bool = False) -> dict[str, Any]:
-    """D1/D2 label accuracy and G's L1 on real held-out ROIs (eval mode, no gradients)."""
-    nets = [unwrap(n) for n in (generator, d_margin, d_shape)]
-    modes = [n.training for n in nets]
-    for n in nets:
-        n.eval()
+    """D1/D2 label accuracy and G's L1 reconstruction on real held-out ROIs (no gradients).
+
+    G runs in eval mode (running statistics, as encoding and synthesis will use it). D1 and
+    D2 run on copies in train mode, i.e. with the statistics of the real batch: that is
+    how D sees real images during training, whereas D's running statistics are mostly those
+    of fake batches (two of D's three forwards per step). The copies keep the trained nets'
+    buffers untouched.
+    """
+    g = unwrap(generator)
+    g_was_training = g.training
+    g.eval()
+    d_nets = [copy.deepcopy(unwrap(d)).train() for d in (d_margin, d_shape)]
     total = correct_margin = correct_shape = 0
     l1_sum = 0.0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
     try:
         for batch in batches:
             images, margins, shapes = to_model_batch(batch, device)
+            if images.shape[0] < 2:
+                continue  # batch statistics need two images
             with autocast:
-                _, margin_logits = nets[1](images)
-                _, shape_logits = nets[2](images)
-                recon = nets[0](images, margins, shapes)
+                _, margin_logits = d_nets[0](images)
+                _, shape_logits = d_nets[1](images)
+                recon = g(images, margins, shapes)
             correct_margin += int((margin_logits.argmax(1) == margins).sum())
             correct_shape += int((shape_logits.argmax(1) == shapes).sum())
             l1_sum += float((recon.float() - images).abs().mean(dim=(1, 2, 3)).sum())
             total += images.shape[0]
     finally:
-        for n, mode in zip(nets, modes):
-            n.train(mode)
+        g.train(g_was_training)
     if total == 0:
         return {"val_rows": 0, "val_margin_accuracy": None, "val_shape_accuracy": None, "val_l1": None}
     return {
@@ -489,7 +499,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="f2m-ckpt-") as local_dir:
             ray_checkpoint = None
             if rank == 0:
-                batches_val = val_data.iter_torch_batches(batch_size=256, device=device)
+                batches_val = val_data.iter_torch_batches(batch_size=VAL_BATCH, device=device)
                 metrics.update(evaluate_real(generator, d_margin, d_shape, batches_val, device, bf16))
                 if final or epoch % cfg.sample_every == 0:
                     _write_sample_grid(run_dir, epoch, generator, samples, device)
@@ -587,8 +597,15 @@ def check_storage(options: RunOptions) -> None:
         raise F2MError(f"cannot write to storage {options.storage}: {reason}") from None
 
 
+def _fresh_listing(path: str) -> None:
+    """Drop fsspec's cached directory listings: Ray Train and other processes write the run folder."""
+    fs, _ = filesystem(path)
+    fs.invalidate_cache()
+
+
 def existing_checkpoint(run_dir: str) -> dict[str, Any] | None:
     """The latest checkpoint's metadata in a run folder, or None for a new run."""
+    _fresh_listing(run_dir)
     fs, inner = filesystem(run_dir)
     if not fs.exists(inner):
         return None
@@ -666,8 +683,10 @@ def prepare_data(preset: Preset, options: RunOptions) -> PreparedData:
             f"the train split has {train_rows} rows, fewer than one global batch of {cfg.batch_size}; "
             f"lower --batch-size or add data"
         )
-    train = dataset.filter(expr="split == 'train'").select_columns(["image", "margin", "shape"]).materialize()
-    val = dataset.filter(expr="split == 'val'").select_columns(["image", "margin", "shape"]).materialize()
+    from ray.data.expressions import col
+
+    train = dataset.filter(expr=col("split") == "train").select_columns(["image", "margin", "shape"]).materialize()
+    val = dataset.filter(expr=col("split") == "val").select_columns(["image", "margin", "shape"]).materialize()
     samples = _collect_samples(dataset, sorted(per_category))
     margins_present = {m for m, _ in per_category}
     shapes_present = {s for _, s in per_category}
@@ -896,6 +915,7 @@ def train(
                 raise F2MError(str(inner)) from None
             raise F2MError(f"training failed: {type(inner).__name__}: {_first_line(inner)}") from None
     startup = (tail.first_epoch_start - fit_start) if tail.first_epoch_start else None
+    _fresh_listing(run_dir)
     final = find_checkpoint(run_dir)
     echo(f"final checkpoint: {final}")
     echo(f"metrics: {join(run_dir, 'metrics.jsonl')}  loss curve: {join(run_dir, LOSS_CURVE_FILE)}")

@@ -1,0 +1,266 @@
+"""`f2m-ray train` on local Ray: 2 DDP workers on tiny phantoms, checkpoints, resume, S3, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from f2m_ray.checkpoint import find_checkpoint, load_checkpoint, read_metadata, save_checkpoint
+from f2m_ray.config import PRESETS
+from f2m_ray.errors import F2MError
+from f2m_ray.networks import build_networks
+from f2m_ray.storage import filesystem, join
+from f2m_ray.train import (
+    RunOptions,
+    describe_run,
+    feature_bank_available,
+    resolve_run,
+    state_checksum,
+    train,
+)
+from f2m_ray.train_report import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = PRESETS["tiny"]
+# phantom:200 -> 173 train rows (seed 0) -> 86 per worker -> 5 steps of 16 per epoch and rank.
+STEPS_PER_EPOCH = 5
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "f2m_ray_cli", *args], capture_output=True, text=True)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(data)).size
+
+
+# ---------------------------------------------------------------- one local run, 2 epochs, then +1
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_local, tmp_path_factory):
+    storage = str(tmp_path_factory.mktemp("runs"))
+    lines: list[str] = []
+    options = RunOptions(data="phantom:200", workers=2, storage=storage, name="local", feature_bank=False)
+    summary = train(TINY.with_train(epochs=2, keep_checkpoints=2), options, echo=lines.append)
+    return {"storage": storage, "options": options, "summary": summary, "lines": lines}
+
+
+def test_two_epochs_leave_checkpoints_metrics_and_pictures(local_run):
+    run_dir = Path(local_run["storage"]) / "local"
+    summary = local_run["summary"]
+    assert (summary.start_epoch, summary.end_epoch) == (0, 2)
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_000001", "checkpoint_epoch_000002"]
+    meta = read_metadata(str(run_dir))
+    assert (meta["epoch"], meta["step"], meta["preset"]["name"]) == (2, 2 * STEPS_PER_EPOCH, "tiny")
+    assert meta["extra"]["world_size"] == 2 and meta["extra"]["train_rows"] == 173
+    rows = read_metrics(str(run_dir))
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [5, 10]
+    assert all(r["images"] == 2 * STEPS_PER_EPOCH * 16 for r in rows)
+    assert all(r["val_rows"] == 27 and 0 <= r["val_margin_accuracy"] <= 1 for r in rows)
+    assert png_size((run_dir / "loss_curve.png").read_bytes()) == (960, 600)
+    # one row per category (20 phantom categories) of 64 px under a 16 px header
+    width, height = png_size((run_dir / "samples" / "epoch_000002.png").read_bytes())
+    assert height == 16 + 20 * 64
+    epoch_lines = [line for line in local_run["lines"] if line.startswith("epoch")]
+    assert len(epoch_lines) == 2 and "img/s" in epoch_lines[0] and "margin" in epoch_lines[0]
+
+
+def test_ranks_hold_identical_parameters(local_run):
+    rows = read_metrics(str(Path(local_run["storage"]) / "local"))
+    for row in rows:
+        assert len(row["rank_checksums"]) == 2
+        assert row["rank_checksums"][0] == row["rank_checksums"][1]
+    assert rows[0]["rank_checksums"][0] != rows[1]["rank_checksums"][0]  # weights moved between epochs
+    # the checksum is of the state that was saved: recompute it from the epoch-2 checkpoint
+    loaded = load_checkpoint(str(Path(local_run["storage"]) / "local"))
+    nets = loaded.networks()
+    assert state_checksum(*nets) == rows[1]["rank_checksums"][0]
+
+
+def test_resume_continues_the_epoch_counter(local_run):
+    options = local_run["options"]
+    if feature_bank_available():
+        options = RunOptions(**{**options.__dict__, "feature_bank": True})
+    lines: list[str] = []
+    summary = train(TINY.with_train(epochs=3, keep_checkpoints=2), options, echo=lines.append)
+    run_dir = Path(local_run["storage"]) / "local"
+    assert (summary.start_epoch, summary.end_epoch) == (2, 3)
+    assert any(line.startswith("resuming run") and "from epoch 2" in line for line in lines)
+    rows = read_metrics(str(run_dir))
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [5, 10, 15]  # continued, not restarted
+    # keep-last-2: epoch 1 was dropped when epoch 3 arrived
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_000002", "checkpoint_epoch_000003"]
+    assert read_metadata(str(run_dir))["step"] == 15
+    if feature_bank_available():
+        assert summary.feature_bank and Path(summary.feature_bank).parent == run_dir / "checkpoint_epoch_000003"
+        assert Path(summary.feature_bank).stat().st_size > 0
+
+
+def test_resuming_with_another_preset_is_refused_before_ray(local_run):
+    result = run_cli("train", "--preset", "small", "--storage", local_run["storage"], "--name", "local",
+                     "--epochs", "5", "--workers", "2")
+    assert_one_line_error(result, "was trained with preset 'tiny'")
+
+
+def test_run_already_at_its_epochs_trains_nothing(local_run):
+    lines: list[str] = []
+    options = RunOptions(**{**local_run["options"].__dict__, "feature_bank": False})
+    summary = train(TINY.with_train(epochs=1), options, echo=lines.append)
+    assert summary.start_epoch == summary.end_epoch >= 2
+    assert "nothing to train" in lines[0]
+
+
+# ---------------------------------------------------------------- S3 on loopback
+
+
+@pytest.mark.s3
+def test_s3_run_and_resume(ray_local, s3_bucket):
+    storage = f"{s3_bucket}/runs"
+    options = RunOptions(data="phantom:100", workers=2, storage=storage, name="s3run", feature_bank=False)
+    first = train(TINY.with_train(epochs=1), options, echo=lambda line: None)
+    second = train(TINY.with_train(epochs=2), options, echo=lambda line: None)
+    assert (first.end_epoch, second.start_epoch, second.end_epoch) == (1, 1, 2)
+    run_dir = join(storage, "s3run")
+    fs, root = filesystem(run_dir)
+    fs.invalidate_cache()  # s3fs caches listings per process
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    assert {"checkpoint_epoch_000001", "checkpoint_epoch_000002", "metrics.jsonl", "loss_curve.png"} <= set(names)
+    assert find_checkpoint(run_dir) == join(run_dir, "checkpoint_epoch_000002")
+    rows = read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["step"] == 2 * rows[0]["step"] > 0
+    assert load_checkpoint(run_dir, with_optimizer=True).optim_state is not None
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _write_manifest(folder: Path, rows: list[tuple[str, str, str]], missing: set[str] = frozenset()) -> str:
+    """A manifest of 64x64 PNGs, one per (margin, shape, split) row; names in `missing` are not written."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = ["path,margin,shape,split"]
+    for i, (margin, shape, split) in enumerate(rows):
+        name = f"images/{i:04d}.png"
+        if name not in missing:
+            Image.fromarray(np.full((64, 64), 40 + i % 200, dtype=np.uint8)).save(folder / name)
+        lines.append(f"{name},{margin},{shape},{split}")
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return str(folder / "manifest.csv")
+
+
+def _options(tmp_path, data: str, **changes) -> RunOptions:
+    values = {"data": data, "workers": 2, "storage": str(tmp_path / "runs"), "name": "bad", "feature_bank": False}
+    return RunOptions(**{**values, **changes})
+
+
+def test_empty_manifest_is_refused(ray_local, tmp_path):
+    manifest = _write_manifest(tmp_path, [])
+    with pytest.raises(F2MError, match="no usable rows"):
+        train(TINY, _options(tmp_path, manifest), echo=lambda line: None)
+
+
+def test_unreadable_dataset_is_refused(ray_local, tmp_path):
+    rows = [("circumscribed", "round", "train")] * 8
+    manifest = _write_manifest(tmp_path, rows, missing={f"images/{i:04d}.png" for i in range(8)})
+    with pytest.raises(F2MError, match=r"nothing usable in manifest .*missing file x8") as err:
+        train(TINY, _options(tmp_path, manifest), echo=lambda line: None)
+    assert "\n" not in str(err.value)
+
+
+def test_category_without_training_samples_is_refused(ray_local, tmp_path):
+    rows = [("circumscribed", "round", "train")] * 40 + [("spiculated", "irregular", "val")] * 3
+    manifest = _write_manifest(tmp_path, rows)
+    with pytest.raises(F2MError, match="category spiculated-irregular has no samples in the train split"):
+        train(TINY, _options(tmp_path, manifest), echo=lambda line: None)
+
+
+def test_more_workers_than_the_cluster_is_refused(ray_local, tmp_path):
+    with pytest.raises(F2MError, match="--workers 64 needs 64 CPU slots but the Ray cluster has"):
+        train(TINY.with_train(batch_size=64), _options(tmp_path, "phantom:100", workers=64), echo=lambda line: None)
+
+
+def test_unwritable_storage_is_refused(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(F2MError, match="cannot write to storage"):
+        train(TINY, _options(tmp_path, "phantom:100", storage=str(blocker)), echo=lambda line: None)
+
+
+def test_checkpoint_of_another_model_config_is_refused(tmp_path):
+    small = PRESETS["small"]
+    save_checkpoint(str(tmp_path / "runs" / "bad" / "checkpoint_epoch_000001"), small, *build_networks(small.model),
+                    epoch=1, step=3)
+    with pytest.raises(F2MError, match="trained with preset 'small'; refusing to resume it with preset 'tiny'"):
+        train(TINY, _options(tmp_path, "phantom:100"), echo=lambda line: None)
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert_one_line_error(run_cli("train", "--storage", str(blocker), "--name", "r", "--preset", "tiny"),
+                          "cannot write to storage")
+    assert_one_line_error(run_cli("train", "--preset", "huge", "--dry-run"), "unknown preset 'huge'")
+    assert_one_line_error(run_cli("train", "--workers", "3", "--batch-size", "32", "--dry-run"),
+                          "does not split evenly over 3 workers")
+    bad_config = tmp_path / "bad.toml"
+    bad_config.write_text("[train]\nepochz = 3\n")
+    assert_one_line_error(run_cli("train", "--config", str(bad_config), "--dry-run"), "unknown TrainConfig field(s): epochz")
+
+
+@pytest.mark.ray
+def test_cli_more_workers_than_the_cluster_is_one_line(tmp_path):
+    result = run_cli("train", "--preset", "tiny", "--data", "phantom:100", "--workers", "64", "--batch-size", "64",
+                     "--storage", str(tmp_path), "--name", "w")
+    assert_one_line_error(result, "--workers 64 needs 64 CPU slots")
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_config_file_and_flags_resolve_onto_the_dataclasses(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "tiny"\n[train]\nepochs = 7\nlr = 1e-4\n[run]\ndata = "phantom:300"\nworkers = 2\n'
+                    f'storage = "{tmp_path}"\nname = "from-file"\n')
+    preset, options = resolve_run(str(toml), train_overrides={"epochs": 9, "batch_size": None})
+    assert (preset.name, preset.train.epochs, preset.train.lr, preset.train.batch_size) == ("tiny", 9, 1e-4, 32)
+    assert (options.data, options.workers, options.name, options.run_dir) == (
+        "phantom:300", 2, "from-file", str(tmp_path / "from-file"))
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("preset: tiny\ntrain: {epochs: 4}\nrun: {workers: 1, use_gpu: false}\n")
+    preset, options = resolve_run(str(yaml_file), run_overrides={"name": "y"})
+    assert (preset.train.epochs, options.workers, options.use_gpu, options.name) == (4, 1, False, "y")
+    with pytest.raises(F2MError, match="unknown run option"):
+        resolve_run(None, "tiny", run_overrides={"wrokers": 2})
+    text = describe_run(preset, options)
+    assert "preset    tiny" in text and "workers   1" in text and "gpu       no" in text
+
+
+def test_dry_run_prints_without_starting_ray(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "tiny"\n[train]\nepochs = 7\n[run]\nname = "cfg"\n')
+    result = run_cli("train", "--config", str(toml), "--epochs", "11", "--storage", str(tmp_path), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "epochs=11" in result.stdout and f"{tmp_path}/cfg" in result.stdout and "preset    tiny" in result.stdout
+    assert not (tmp_path / "cfg").exists()  # nothing written
+    job = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--preset", "tiny", "--name", "j",
+                          "--dry-run"], capture_output=True, text=True)
+    assert job.returncode == 0, job.stderr
+    assert "preset    tiny" in job.stdout and "run       f2m-runs/j" in job.stdout
