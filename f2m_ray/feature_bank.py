@@ -262,7 +262,11 @@ def build_feature_bank(
     from f2m_ray.readers import read_labeled
     from f2m_ray.runtime import ensure_ray
 
+    from f2m_ray.storage import is_remote
+
     path = find_checkpoint(checkpoint)
+    if not is_remote(path):
+        path = os.path.abspath(path)  # the encoder actors may run in another working directory
     meta = read_metadata(path)
     if val_fraction is None:
         val_fraction = float(meta["preset"].get("train", {}).get("val_fraction", 0.1))

@@ -62,25 +62,28 @@ PNG_COMPRESS_LEVEL = 1  # zlib level: 64x64 masses barely shrink further, level 
 
 IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 
+# Every column is nullable in the Arrow sense (we never write nulls except in the quality
+# columns): `datasets` only honours its metadata for fields whose type *and* nullability
+# match what it would write itself, and it writes nullable fields.
 SYNTHETIC_SCHEMA = pa.schema(
     [
-        pa.field("sample_id", pa.string(), nullable=False),
-        pa.field("sample_index", pa.int64(), nullable=False),
-        pa.field("image", IMAGE_TYPE, nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("margin", pa.string(), nullable=False),
-        pa.field("shape", pa.string(), nullable=False),
-        pa.field("category", pa.string(), nullable=False),
-        pa.field("margin_id", pa.int64(), nullable=False),
-        pa.field("shape_id", pa.int64(), nullable=False),
-        pa.field("seed_ids", pa.list_(pa.string()), nullable=False),
-        pa.field("weights", pa.list_(pa.float64()), nullable=False),
-        pa.field("model_id", pa.string(), nullable=False),
-        pa.field("bank_id", pa.string(), nullable=False),
-        pa.field("run_seed", pa.int64(), nullable=False),
-        pa.field("label_confidence", pa.float32(), nullable=True),
-        pa.field("nearest_seed_distance", pa.float32(), nullable=True),
+        pa.field("sample_id", pa.string()),
+        pa.field("sample_index", pa.int64()),
+        pa.field("image", IMAGE_TYPE),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("margin", pa.string()),
+        pa.field("shape", pa.string()),
+        pa.field("category", pa.string()),
+        pa.field("margin_id", pa.int64()),
+        pa.field("shape_id", pa.int64()),
+        pa.field("seed_ids", pa.list_(pa.string())),
+        pa.field("weights", pa.list_(pa.float64())),
+        pa.field("model_id", pa.string()),
+        pa.field("bank_id", pa.string()),
+        pa.field("run_seed", pa.int64()),
+        pa.field("label_confidence", pa.float32()),
+        pa.field("nearest_seed_distance", pa.float32()),
     ]
 )
 

@@ -239,13 +239,23 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _categories(names: tuple[str, ...], bank: FeatureBank, seed_split: str) -> list[Category]:
+def absolute(path: str) -> str:
+    """Local paths made absolute (Ray workers may run elsewhere); URLs unchanged."""
+    import os
+
+    return path if is_remote(path) else os.path.abspath(path)
+
+
+def _categories(names: tuple[str, ...], bank: FeatureBank, seed_split: str, notes: list[str]) -> list[Category]:
     chosen: list[Category] = []
     for name in names:
         if str(name).strip().lower() == "all":
             from f2m_ray.labels import all_categories
 
             found = [c for c in all_categories() if len(bank.pool(c, seed_split)) >= 2]
+            single = [c.name for c in all_categories() if len(bank.pool(c, seed_split)) == 1]
+            if single:
+                notes.append(f"'all' skips {', '.join(single)}: a single seed cannot be mixed")
             if not found:
                 raise F2MError(f"the bank {bank.path} has no category with 2 or more seeds")
         else:
@@ -274,15 +284,15 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
             probe_storage(path, what)
     if not c.model and not c.bank:
         raise F2MError("name the model (--model CKPT) or its feature bank (--bank BANK)")
-    checkpoint = find_checkpoint(c.model) if c.model else None
-    bank_path = c.bank or default_bank_path(checkpoint)
+    checkpoint = absolute(find_checkpoint(c.model)) if c.model else None
+    bank_path = absolute(c.bank or default_bank_path(checkpoint))
     bank = load_feature_bank(bank_path)
     if checkpoint is None:
         checkpoint = bank.metadata.get("checkpoint")
         if not checkpoint:
             raise F2MError(f"the bank {bank_path} does not name its checkpoint; pass --model CKPT")
         probe_storage(checkpoint, "model")
-        checkpoint = find_checkpoint(checkpoint)
+        checkpoint = absolute(find_checkpoint(checkpoint))
     meta = read_metadata(checkpoint)
     if meta.get("vocabulary") != bank.vocabulary:
         raise F2MError(f"the model {checkpoint} and the bank {bank_path} use different BI-RADS vocabularies")
@@ -294,8 +304,9 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
     feature_dim = int(meta["preset"]["model"]["feature_dim"])
     if bank.feature_dim != feature_dim:
         raise F2MError(f"the bank has {bank.feature_dim}-d features, the model expects {feature_dim}-d")
-    plans, notes = [], []
-    for category in _categories(c.categories, bank, c.seed_split):
+    plans: list[CategoryPlan] = []
+    notes: list[str] = []
+    for category in _categories(c.categories, bank, c.seed_split, notes):
         pool = len(bank.pool(category, c.seed_split))
         where = "" if c.seed_split == "all" else " in the training split"
         if pool < 2:
@@ -624,7 +635,7 @@ def actor_spec(run: ResolvedRun, actors: ActorPlan) -> dict[str, Any]:
         "preset": run.preset,
         "fingerprint": run.fingerprint(),
         "categories": [p.category.name for p in run.categories],
-        "out": c.out,
+        "out": absolute(c.out),  # actors may run in another working directory
         "seed": c.seed,
         "k": c.k,
         "step": c.step,

@@ -18,11 +18,25 @@ def test_synthetic_columns_and_types():
     assert s.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     assert s.field("seed_ids").type == pa.list_(pa.string())
     assert s.field("weights").type == pa.list_(pa.float64())
-    assert s.field("label_confidence").nullable and s.field("nearest_seed_distance").nullable
-    assert not s.field("sample_id").nullable
     # Every column is described for Hugging Face `datasets`, and the image as an Image.
     assert list(schema.HF_FEATURES) == s.names
     assert schema.HF_FEATURES["image"] == {"_type": "Image"}
+
+
+def _hf_arrow_type(feature):
+    """The Arrow type `datasets` gives a feature (Image, Value, Sequence of Value)."""
+    if feature["_type"] == "Image":
+        return pa.struct({"bytes": pa.binary(), "path": pa.string()})
+    if feature["_type"] == "Sequence":
+        return pa.list_(_hf_arrow_type(feature["feature"]))
+    return pa.type_for_alias(feature["dtype"])
+
+
+def test_hf_datasets_would_keep_every_declared_feature():
+    # `datasets.Features.from_arrow_schema` uses the metadata's feature for a column only
+    # when the field it would write itself (nullable, same type) equals the file's field.
+    for field in schema.SYNTHETIC_SCHEMA:
+        assert pa.field(field.name, _hf_arrow_type(schema.HF_FEATURES[field.name])) == field, field.name
 
 
 def test_file_metadata_carries_version_and_hf_features():
