@@ -102,12 +102,14 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=None, help="after rendering, pin to the first N cores")
     parser.add_argument("--render-workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--judge-epochs", type=int, default=JudgeTrainConfig().epochs)
+    parser.add_argument("--judge-epochs", type=int, default=ev.EvaluateConfig().judge_epochs)
     parser.add_argument("--usefulness-steps", type=int, default=ev.EvaluateConfig().usefulness_steps)
     parser.add_argument("--judge-only", action="store_true", help="only train judges and print their accuracy")
     parser.add_argument("--epochs", type=int, nargs="+", default=[30])
     parser.add_argument("--variants", nargs="+", default=["default"])
     parser.add_argument("--out", default=None, help="also write report.json/html here")
+    parser.add_argument("--runner", choices=("ray", "process"), default="ray",
+                        help="usefulness classifiers as Ray tasks (as `f2m-ray evaluate`) or in this process")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,19 +141,26 @@ def main() -> None:
             if done >= total:
                 timings[stage] = now - stage_start["t"]
 
+        runner = ev.run_in_process
+        if args.runner == "ray":
+            from f2m_ray.runtime import ensure_ray
+
+            ensure_ray()
+            runner = ev.run_on_ray
+        t = time.perf_counter()
+        judge_train_config = JudgeTrainConfig(epochs=args.judge_epochs)
+        model, report = train_judge(real, JudgeConfig(), judge_train_config, device=args.device)
+        judge_seconds = time.perf_counter() - t
+        judge = LoadedJudge("bench", model.cpu().eval(), model.cfg, judge_train_config, "bench", report, "phantom")
+
         total_start = time.perf_counter()
         t = time.perf_counter()
         synthetic = ev.read_synthetic(tmp)
         timings["read + decode synthetic"] = time.perf_counter() - t
-        t = time.perf_counter()
-        judge_train_config = JudgeTrainConfig(epochs=args.judge_epochs)
-        model, report = train_judge(real, JudgeConfig(), judge_train_config, device=args.device)
-        timings["train the judge"] = time.perf_counter() - t
-        judge = LoadedJudge("bench", model.cpu().eval(), model.cfg, judge_train_config, "bench", report, "phantom")
         config = ev.EvaluateConfig(usefulness_steps=args.usefulness_steps)
         t = time.perf_counter()
         result, figures = ev.evaluate_arrays(synthetic, real, judge, config, {"real": "phantom"}, progress,
-                                             device=args.device)
+                                             device=args.device, runner=runner)
         timings["evaluate (judging, metrics, usefulness)"] = time.perf_counter() - t
         t = time.perf_counter()
         page = ev.render_html(result, figures)
@@ -159,19 +168,22 @@ def main() -> None:
         total = time.perf_counter() - total_start
         if args.out:
             ev.write_report(args.out, result, page)
+    print(f"judge training ({args.judge_epochs} epochs, in-process; `f2m-ray judge train`): {judge_seconds:.1f} s")
+    print(f"evaluate with --judge ({args.runner} runner):")
     for stage, seconds in timings.items():
         print(f"  {stage:<45} {seconds:8.1f} s", flush=True)
     print(f"total {total:.1f} s = {total / 60:.1f} min; budget 15 min; ratio {total / 900:.2f} of the budget")
-    # Training time is linear in images seen: scale the two training stages to the defaults.
+    # Training time is linear in images seen: scale the training stages to the defaults.
     defaults = ev.EvaluateConfig()
-    judge_s = timings["train the judge"]
     useful_s = sum(v for k, v in timings.items() if k.startswith("usefulness"))
-    scaled = (total - judge_s - useful_s + judge_s * JudgeTrainConfig().epochs / args.judge_epochs
-              + useful_s * defaults.usefulness_steps / args.usefulness_steps)
-    print(f"at the defaults (judge {JudgeTrainConfig().epochs} epochs, usefulness {defaults.usefulness_steps} steps): "
-          f"{scaled:.0f} s = {scaled / 60:.1f} min; ratio {scaled / 900:.2f} of the budget")
-    print(f"judge training {len(real.roi_id[real.split == 'train']) * args.judge_epochs / judge_s:.0f} images/s; "
-          f"usefulness training {3 * args.usefulness_steps * 64 / useful_s:.0f} images/s")
+    scaled = total - useful_s + useful_s * defaults.usefulness_steps / args.usefulness_steps
+    judge_scaled = judge_seconds * defaults.judge_epochs / args.judge_epochs
+    print(f"at the defaults (usefulness {defaults.usefulness_steps} steps): {scaled:.0f} s = {scaled / 60:.1f} min "
+          f"(ratio {scaled / 900:.2f}); without --judge (+{defaults.judge_epochs} judge epochs): "
+          f"{scaled + judge_scaled:.0f} s = {(scaled + judge_scaled) / 60:.1f} min (ratio {(scaled + judge_scaled) / 900:.2f})")
+    train_rows = int((real.split == "train").sum())
+    print(f"judge training {train_rows * args.judge_epochs / judge_seconds:.0f} images/s; "
+          f"usefulness training {3 * args.usefulness_steps * 64 / useful_s:.0f} images/s (3 classifiers together)")
     overall = result["groups"]["overall"]
     print(json.dumps({"judge_val": report["val_accuracy"], "fidelity": overall["label_fidelity"]["synthetic"],
                       "fd": overall["realism"], "pr": overall["precision_recall"],

@@ -23,7 +23,7 @@ from f2m_ray_cli.main import cli
               help="R: real masses for the usefulness classifiers.")
 @click.option("--usefulness-synthetic", "usefulness_synthetic", type=int, default=10_000, show_default=True,
               help="S: synthetic masses added (capped at the dataset's size).")
-@click.option("--usefulness-steps", "usefulness_steps", type=int, default=2000, show_default=True,
+@click.option("--usefulness-steps", "usefulness_steps", type=int, default=1500, show_default=True,
               help="Optimizer steps for each usefulness classifier.")
 @click.option("--no-usefulness", is_flag=True, help="Skip the usefulness classifiers (the slowest step).")
 @click.option("--judge-epochs", type=int, default=100, show_default=True, help="Epochs for a judge trained here.")
@@ -34,14 +34,14 @@ def evaluate_command(synthetic: str, real: str, judge: str | None, out: str, fmt
                      seed: int | None, usefulness_real: int, usefulness_synthetic: int, usefulness_steps: int,
                      no_usefulness: bool, judge_epochs: int, k: int, overwrite: bool, dry_run: bool) -> None:
     """Score a synthetic dataset against real masses; write OUT/report.json and OUT/report.html."""
-    from f2m_ray.evaluate import REPORT_HTML, REPORT_JSON, EvaluateConfig, ProgressPrinter, _check_config, evaluate
+    from f2m_ray.evaluate import REPORT_HTML, REPORT_JSON, EvaluateConfig, ProgressPrinter, check_config, evaluate
 
     config = EvaluateConfig(
         val_fraction=val_fraction, seed=seed, usefulness_real=usefulness_real,
         usefulness_synthetic=usefulness_synthetic, usefulness_steps=usefulness_steps, usefulness=not no_usefulness,
         judge_epochs=judge_epochs, k=k,
     )
-    _check_config(config)
+    check_config(config)
     if dry_run:
         click.echo(json.dumps({"synthetic": synthetic, "real": real, "judge": judge, "out": out, "format": fmt,
                                "config": asdict(config)}, indent=2))

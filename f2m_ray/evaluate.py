@@ -33,14 +33,14 @@ features unless said otherwise:
                      from all held-out rows); in judge features and in pixels (RMS, [-1, 1] units)
     usefulness       fresh classifiers of the judge's architecture trained for the same number of
                      steps on R seen real, R real + S synthetic, and S synthetic masses, tested on
-                     held-out real (the synthetic dataset's categories)
+                     held-out real (the synthetic dataset's categories); `evaluate` trains the
+                     three as parallel Ray tasks, `evaluate_arrays` one after another in-process
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import sys
@@ -73,7 +73,7 @@ class EvaluateConfig:
     seed: int | None = None  # split and subsampling seed; None: the judge's (or 0)
     usefulness_real: int = 200  # R: seen real masses the usefulness classifiers start from
     usefulness_synthetic: int = 10_000  # S: synthetic masses added (capped at what the dataset holds)
-    usefulness_steps: int = 2000  # optimizer steps for each usefulness classifier (same for all three)
+    usefulness_steps: int = 1500  # optimizer steps for each usefulness classifier (same for all three)
     usefulness: bool = True  # train the three usefulness classifiers (the slowest step)
     judge_epochs: int = 100  # epochs for a judge trained here (no --judge)
     k: int = 3  # neighbourhood of the precision/recall manifolds
@@ -284,6 +284,86 @@ def group_metrics(
 # ---------------------------------------------------------------- usefulness
 
 
+USEFULNESS_SETS = ("real", "real_plus_synthetic", "synthetic")
+USEFULNESS_LABELS = {"real": "real", "real_plus_synthetic": "real + synthetic", "synthetic": "synthetic"}
+
+
+@dataclass(frozen=True)
+class ClassifierJob:
+    """One usefulness classifier: which rows it trains on (plain data, so it can travel to a Ray task)."""
+
+    name: str  # one of USEFULNESS_SETS
+    real_rows: np.ndarray  # positions in the seen-real images
+    synthetic_rows: np.ndarray  # positions in the synthetic images
+    judge_config: dict[str, Any]  # asdict(JudgeConfig)
+    train_config: dict[str, Any]  # asdict(JudgeTrainConfig) with `steps` set
+
+
+def train_classifier(job: ClassifierJob, real: tuple[np.ndarray, ...], synthetic: tuple[np.ndarray, ...],
+                     test_images: np.ndarray, device: str = "cpu",
+                     progress: Callable[[int, int, str], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Train a fresh judge-architecture classifier on the job's rows; its (margin, shape) predictions on the test images.
+
+    `real` and `synthetic` are (images, margins, shapes) arrays.
+    """
+    from f2m_ray.config import _build as build_dataclass
+    from f2m_ray.judge import JudgeConfig, JudgeTrainConfig, fit, new_judge, predict
+
+    judge_config = build_dataclass(JudgeConfig, job.judge_config)
+    train_config = build_dataclass(JudgeTrainConfig, job.train_config)
+    images, margins, shapes = (np.concatenate([r[job.real_rows], s[job.synthetic_rows]]) for r, s in zip(real, synthetic))
+    model = new_judge(judge_config, train_config.seed).to(device)
+    fit(model, images, margins, shapes, train_config, device=device, progress=progress)
+    prediction = predict(model, test_images)
+    return prediction.margin, prediction.shape
+
+
+def run_in_process(jobs: list[ClassifierJob], real, synthetic, test_images, device: str,
+                   progress: Progress | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The classifiers one after another in this process, with a progress line per classifier."""
+    out = []
+    for job in jobs:
+        rows = len(job.real_rows) + len(job.synthetic_rows)
+        stage = f"usefulness: {USEFULNESS_LABELS[job.name]} ({rows})"
+        out.append(train_classifier(job, real, synthetic, test_images, device,
+                                    (lambda d, t, _w, stage=stage: progress(stage, d, t)) if progress else None))
+    return out
+
+
+def _classifier_task(job, real, synthetic, test_images, device):
+    import torch
+
+    if device == "cpu":
+        # One thread per task: tasks run side by side, and small convolutions gain little from
+        # more threads (and lose much when the cores are shared).
+        torch.set_num_threads(1)
+    return train_classifier(job, real, synthetic, test_images, device)
+
+
+def run_on_ray(jobs: list[ClassifierJob], real, synthetic, test_images, device: str,
+               progress: Progress | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The classifiers as parallel Ray tasks (one GPU each where the cluster has GPUs); arrays go to the object store once."""
+    import ray
+
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=0)(_classifier_task)
+    real_ref, synthetic_ref, test_ref = ray.put(real), ray.put(synthetic), ray.put(test_images)
+    refs = [task.remote(job, real_ref, synthetic_ref, test_ref, "cuda" if use_gpu else "cpu") for job in jobs]
+    stage = f"usefulness: {len(jobs)} classifiers as Ray tasks"
+    if progress:
+        progress(stage, 0, len(refs))
+    pending, done = list(refs), 0
+    while pending:
+        finished, pending = ray.wait(pending, num_returns=1)
+        done += len(finished)
+        if progress:
+            progress(stage, done, len(refs))
+    return ray.get(refs)
+
+
+Runner = Callable[..., list]
+
+
 def usefulness(
     judge_config,
     train_config,
@@ -294,41 +374,40 @@ def usefulness(
     seed: int,
     progress: Progress | None = None,
     device: str = "cpu",
+    runner: Runner = run_in_process,
 ) -> dict[str, Any]:
-    """Accuracy on held-out real of fresh classifiers trained on R real, R real + S synthetic, S synthetic."""
-    from f2m_ray.judge import fit, new_judge, predict
+    """Accuracy on held-out real of fresh classifiers trained on R real, R real + S synthetic, S synthetic.
 
+    All three train for the same number of steps from the same initialisation, so that the
+    200-row set is not under-trained next to the 10,200-row one.
+    """
     r = min(config.usefulness_real, len(real_seen))
     s = min(config.usefulness_synthetic, len(synthetic.margin))
     real_rows = metrics.subsample_indices(len(real_seen), r, seed)
     syn_rows = metrics.subsample_indices(len(synthetic.margin), s, seed + 2)
-    sets = {
-        "real": (real_seen.images[real_rows], real_seen.margin[real_rows], real_seen.shape[real_rows]),
-        "real_plus_synthetic": (
-            np.concatenate([real_seen.images[real_rows], synthetic.images[syn_rows]]),
-            np.concatenate([real_seen.margin[real_rows], synthetic.margin[syn_rows]]),
-            np.concatenate([real_seen.shape[real_rows], synthetic.shape[syn_rows]]),
-        ),
-        "synthetic": (synthetic.images[syn_rows], synthetic.margin[syn_rows], synthetic.shape[syn_rows]),
-    }
-    steps_config = replace(train_config, steps=config.usefulness_steps, seed=seed)
-    results: dict[str, Any] = {}
+    none = np.zeros(0, dtype=np.int64)
+    steps_config = asdict(replace(train_config, steps=config.usefulness_steps, seed=seed))
+    jobs = [
+        ClassifierJob(name, real_part, syn_part, asdict(judge_config), steps_config)
+        for name, real_part, syn_part in (("real", real_rows, none), ("real_plus_synthetic", real_rows, syn_rows),
+                                          ("synthetic", none, syn_rows))
+    ]
+    predictions = runner(jobs, (real_seen.images, real_seen.margin, real_seen.shape),
+                         (synthetic.images, synthetic.margin, synthetic.shape), heldout.images, device, progress)
     categories = sorted(set(synthetic.category.tolist()))
     heldout_category = np.array([f"{MARGINS[m]}-{SHAPES[s_]}" for m, s_ in zip(heldout.margin, heldout.shape)])
-    labels = {"real": "real", "real_plus_synthetic": "real + synthetic", "synthetic": "synthetic"}
-    for name, (images, margins, shapes) in sets.items():
-        stage = f"usefulness: {labels[name]} ({len(images)})"
-        model = new_judge(judge_config, seed).to(device)
-        fit(model, images, margins, shapes, steps_config, device=device,
-            progress=(lambda done, total, _what, stage=stage: progress(stage, done, total)) if progress else None)
-        pred = predict(model, heldout.images)
-        overall = metrics.head_accuracies(pred.margin, pred.shape, heldout.margin, heldout.shape)
+    results: dict[str, Any] = {}
+    for job, (margin_pred, shape_pred) in zip(jobs, predictions):
         per_category = {}
         for category in categories:
             rows = heldout_category == category
-            per_category[category] = metrics.head_accuracies(pred.margin[rows], pred.shape[rows],
+            per_category[category] = metrics.head_accuracies(margin_pred[rows], shape_pred[rows],
                                                              heldout.margin[rows], heldout.shape[rows])
-        results[name] = {"train_rows": int(len(images)), "accuracy": overall, "categories": per_category}
+        results[job.name] = {
+            "train_rows": int(len(job.real_rows) + len(job.synthetic_rows)),
+            "accuracy": metrics.head_accuracies(margin_pred, shape_pred, heldout.margin, heldout.shape),
+            "categories": per_category,
+        }
     base = results["real"]["accuracy"]
     deltas = {
         other: {h: results[other]["accuracy"][h] - base[h] for h in ("margin", "shape", "mean")}
@@ -365,7 +444,7 @@ def evaluate(
     from f2m_ray.runtime import ensure_ray
 
     started = time.perf_counter()
-    _check_config(config)
+    check_config(config)
     fs, root = filesystem(out)
     if fs.exists(join(root, REPORT_JSON)) and not overwrite:
         raise F2MError(f"a report already exists in {out}; pass --overwrite to replace it")
@@ -384,7 +463,7 @@ def evaluate(
     gan_train_ids, gan_source = gan_training_ids(synthetic.manifest)
     inputs["gan_training_set"] = gan_source
     report, figures = evaluate_arrays(synthetic, real_all, judge, config, inputs, progress, echo,
-                                      gan_train_ids=gan_train_ids)
+                                      gan_train_ids=gan_train_ids, runner=run_on_ray)
     report["seconds"] = round(time.perf_counter() - started, 1)
     if progress:
         progress("writing the report", 0, 1)
@@ -424,6 +503,7 @@ def evaluate_arrays(
     echo: Callable[[str], None] = lambda line: None,
     device: str | None = None,
     gan_train_ids: set[str] | None = None,
+    runner: Runner = run_in_process,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The evaluation on arrays in memory (no Ray, no files): (report, figures for the HTML page).
 
@@ -537,7 +617,7 @@ def evaluate_arrays(
             notes.append("usefulness skipped: no seen or no held-out real masses of the synthetic categories")
         else:
             useful = usefulness(judge_config, judge_train_config, seen_in_scope, heldout, synthetic, config,
-                                config.seed, progress, device)
+                                config.seed, progress, device, runner)
 
     report = {
         "format": REPORT_FORMAT,
@@ -575,7 +655,8 @@ def evaluate_arrays(
     return _nan_to_none(report), figures
 
 
-def _check_config(config: EvaluateConfig) -> None:
+def check_config(config: EvaluateConfig) -> None:
+    """Refuse out-of-range options (one line each) before any work."""
     if config.val_fraction is not None and not 0.0 < config.val_fraction < 1.0:
         raise F2MError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
     if config.seed is not None and config.seed < 0:
@@ -765,8 +846,9 @@ def render_html(report: dict[str, Any], figures: dict[str, Any]) -> str:
     parts.append("<h2>Masses: synthetic (top) beside real (bottom)</h2>")
     for category, strips in figures["grids"].items():
         parts.append(f"<h3>{html.escape(category)}</h3>"
-                     f"<div><img alt='synthetic {html.escape(category)}' src='data:image/png;base64,{strips['synthetic']}'></div>"
-                     f"<div><img alt='real {html.escape(category)}' src='data:image/png;base64,{strips['real']}'></div>")
+                     f"<div>synthetic<br><img alt='synthetic {html.escape(category)}' "
+                     f"src='data:image/png;base64,{strips['synthetic']}'></div>"
+                     f"<div>real<br><img alt='real {html.escape(category)}' src='data:image/png;base64,{strips['real']}'></div>")
     parts.append("<h2>Distances to the nearest seen real mass</h2>")
     parts += [f"<div>{svg}</div>" for svg in figures["histograms"]]
     parts.append("</body></html>")

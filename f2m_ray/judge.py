@@ -266,7 +266,7 @@ def predict(model: Judge, images: np.ndarray, batch_size: int = PREDICT_BATCH,
         progress(0, len(images), "images")
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32))
+            x = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32))  # a writable copy
             h = model.features(x.to(device))  # (B, feature_dim)
             margin.append(torch.softmax(model.margin_head(h), dim=1).cpu().numpy())
             shape.append(torch.softmax(model.shape_head(h), dim=1).cpu().numpy())

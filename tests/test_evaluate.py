@@ -162,7 +162,7 @@ def test_cli_end_to_end(ray_local, fixtures, tmp_path):
                     "--usefulness-synthetic", "30")
     assert result.exit_code == 0, result.output
     assert "label fidelity" in result.stdout and "usefulness" in result.stdout
-    assert "usefulness: real + synthetic (42)" in result.stderr  # progress lines name each step
+    assert "usefulness: 3 classifiers as Ray tasks: 3/3" in result.stderr  # progress lines name each step
     report = json.loads((out / "report.json").read_text())
     assert report["format"] == "f2m-ray-evaluation"
     assert report["inputs"]["synthetic_rows"] == 60
@@ -231,3 +231,25 @@ def test_progress_printer_lines():
     # Not a terminal: one line per quarter (0, 25, 50, 75, 100 percent reached).
     assert [line.split(":")[1].split("(")[0].strip() for line in lines] == ["real", "real", "real", "real", "real"]
     assert [line.split()[3] for line in lines] == ["0/100", "30/100", "50/100", "80/100", "100/100"]
+
+
+def test_usefulness_on_ray_tasks_matches_in_process(ray_local):
+    ids, images, categories, splits = real_phantoms()
+    rows = [i for i, c in enumerate(categories) if c in CATEGORIES]
+    real = judge_module.LabeledArrays(
+        np.array(ids)[rows], to_model_range(images[rows]), np.array([categories[i].margin_id for i in rows]),
+        np.array([categories[i].shape_id for i in rows]), np.array(splits)[rows])
+    seen, heldout = real.where_split("train"), real.where_split("val")
+    fresh = list(generate_phantoms(30, 7, CATEGORIES))
+    synthetic = evaluate_module.SyntheticArrays(
+        to_model_range(np.stack([im for _, im, _ in fresh])), np.array([c.margin_id for *_, c in fresh]),
+        np.array([c.shape_id for *_, c in fresh]), np.array([c.name for *_, c in fresh]), set(), {})
+    config = evaluate_module.EvaluateConfig(usefulness_real=10, usefulness_synthetic=20, usefulness_steps=3)
+    args = (TINY, judge_module.JudgeTrainConfig(batch_size=8), seen, heldout, synthetic, config, 0)
+    local = evaluate_module.usefulness(*args, runner=evaluate_module.run_in_process)
+    remote = evaluate_module.usefulness(*args, runner=evaluate_module.run_on_ray)
+    assert local == remote
+    assert {k: v["train_rows"] for k, v in local["classifiers"].items()} == {
+        "real": 10, "real_plus_synthetic": 30, "synthetic": 20}
+    assert local["test_rows"] == len(heldout) and set(local["classifiers"]["real"]["categories"]) == {
+        c.name for c in CATEGORIES}
