@@ -9,8 +9,8 @@
 
 All three decode the same number of masses with the same model (random-init weights with
 Kaiming scaling so that images carry texture and PNGs have a realistic size, ~3 KB).
-(a) and (b) run before and after (c), so that load from other processes on a shared
-machine shows up as a spread rather than a bias. The 100,000-mass wall time is measured
+They run in interleaved rounds (order rotated each round) and the medians are compared,
+so that load from other processes on a shared machine shows up as a spread, not a bias. The 100,000-mass wall time is measured
 with --full, else extrapolated from (c) as start-up + 100,000 / steady rate.
 
     python benchmarks/synthesis_throughput.py                      # paper preset, 10,000 masses
@@ -108,7 +108,11 @@ def stage_costs(checkpoint: str, samples: int = 512) -> dict[str, float]:
     plans = [plan_sample(0, category.id, i, len(pool)) for i in range(samples)]
     plan_ms = (time.perf_counter() - start) / samples * 1e3
     start = time.perf_counter()
-    mixed = mix_rows(bank.features[np.stack([pool[p.seed_positions] for p in plans])], np.stack([p.weights for p in plans]))
+    mixed = np.concatenate([  # in decode-sized batches, as the actors mix
+        mix_rows(bank.features[np.stack([pool[p.seed_positions] for p in plans[i:i + 64]])],
+                 np.stack([p.weights for p in plans[i:i + 64]]))
+        for i in range(0, samples, 64)
+    ])
     mix_ms = (time.perf_counter() - start) / samples * 1e3
     generator = load_checkpoint(checkpoint).generator()
     with torch.inference_mode():
@@ -130,6 +134,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="actor pool size for (c) [default: auto]")
     parser.add_argument("--seeds", type=int, default=40, help="bank size (one category)")
     parser.add_argument("--full", action="store_true", help="also measure --n 100000 end to end")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (a), (b), (c)")
     parser.add_argument("--no-ray", action="store_true",
                         help="(a) and (b) only, on the GPU when there is one (machines without Ray)")
     args = parser.parse_args()
@@ -145,9 +150,9 @@ def main() -> None:
             f"{k} {v:.0f} B" if k == "png_bytes" else f"{k} {v:.3f} ms" for k, v in costs.items()))
         out = os.path.join(root, "out")
         device = "cuda" if args.no_ray and torch.cuda.is_available() else "cpu"
-        a1 = bare_decode(checkpoint, args.n, args.batch_size, device)
-        b1, _ = pipeline(checkpoint, out, args.n, args.rows_per_file, args.batch_size, use_ray=False, workers=None)
         if args.no_ray:
+            a1 = bare_decode(checkpoint, args.n, args.batch_size, device)
+            b1, _ = pipeline(checkpoint, out, args.n, args.rows_per_file, args.batch_size, use_ray=False, workers=None)
             print(f"(a) bare decoder loop on {device}         {a1:8.1f} masses/s")
             print(f"(b) plain loop on {device}: decode+PNG+Parquet {b1:8.1f} masses/s   b/a = {b1 / a1:.3f}")
             return
@@ -155,23 +160,37 @@ def main() -> None:
         from f2m_ray.runtime import ensure_ray
 
         ensure_ray()  # Ray's own start-up is not part of (c); actor start-up is
-        c, c_seconds = pipeline(checkpoint, out, args.n, args.rows_per_file, args.batch_size, use_ray=True,
-                                workers=args.workers)
-        a2 = bare_decode(checkpoint, args.n, args.batch_size)
-        b2, _ = pipeline(checkpoint, out, args.n, args.rows_per_file, args.batch_size, use_ray=False, workers=None)
-        a, b = (a1 + a2) / 2, (b1 + b2) / 2
+        runs: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+        c_seconds = []
+        for round_index in range(args.rounds):
+            # Rotate the order so that no variant always runs in the same slot of a load swing.
+            order = "abc"[round_index % 3:] + "abc"[: round_index % 3]
+            for kind in order:
+                if kind == "a":
+                    runs["a"].append(bare_decode(checkpoint, args.n, args.batch_size))
+                else:
+                    rate, seconds = pipeline(checkpoint, out, args.n, args.rows_per_file, args.batch_size,
+                                             use_ray=kind == "c", workers=args.workers)
+                    runs[kind].append(rate)
+                    if kind == "c":
+                        c_seconds.append(seconds)
+            r = {k: v[-1] for k, v in runs.items()}
+            print(f"round {round_index + 1} ({order}): a {r['a']:.1f}, b {r['b']:.1f}, c {r['c']:.1f} masses/s; "
+                  f"c/a {r['c'] / r['a']:.3f}, c/b {r['c'] / r['b']:.3f}; load average {os.getloadavg()[0]:.1f}")
+        a, b, c = (float(np.median(runs[k])) for k in "abc")
+        spread = {k: ", ".join(f"{x:.1f}" for x in v) for k, v in runs.items()}
         print()
-        print(f"(a) bare decoder loop, 1 process      {a:8.1f} masses/s   (runs: {a1:.1f}, {a2:.1f})")
-        print(f"(b) plain loop: decode+PNG+Parquet    {b:8.1f} masses/s   (runs: {b1:.1f}, {b2:.1f})")
-        print(f"(c) Ray Data pipeline, end to end     {c:8.1f} masses/s   ({c_seconds:.1f} s for {args.n})")
-        print(f"c/a = {c / a:.3f}   c/b = {c / b:.3f}   (targets on 2 cores: c/a >= 0.85, c/b >= 0.95)")
+        print(f"(a) bare decoder loop, 1 process      {a:8.1f} masses/s   (median of {spread['a']})")
+        print(f"(b) plain loop: decode+PNG+Parquet    {b:8.1f} masses/s   (median of {spread['b']})")
+        print(f"(c) Ray Data pipeline, end to end     {c:8.1f} masses/s   (median of {spread['c']})")
+        print(f"c/a = {c / a:.3f}   c/b = {c / b:.3f}   (medians; targets on 2 cores: c/a >= 0.85, c/b >= 0.95)")
         if args.full:
             full, full_seconds = pipeline(checkpoint, out, 100_000, 10_000, args.batch_size, use_ray=True,
                                           workers=args.workers)
             print(f"--n 100000 ({args.preset}): {full_seconds:.0f} s measured ({full:.1f} masses/s, 10 files)")
         else:
-            print(f"--n 100000 ({args.preset}): ~{100_000 / c:.0f} s extrapolated from the measured {args.n} "
-                  f"(start-up included once per {args.n}, so slightly pessimistic)")
+            print(f"--n 100000 ({args.preset}): ~{100_000 / c:.0f} s extrapolated from (c)'s median rate on "
+                  f"{args.n} masses (actor start-up counted once per {args.n}, so slightly pessimistic)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -222,7 +222,7 @@ def probe_storage(path: str, what: str) -> None:
     fs = quick_s3(path)
     bucket = path[len("s3://"):].split("/", 1)[0]
     try:
-        fs.ls(bucket, refresh=True)
+        fs.call_s3("head_bucket", Bucket=bucket)  # one request, whatever the bucket holds
     except FileNotFoundError:
         raise F2MError(f"{what} {path}: bucket {bucket!r} does not exist") from None
     except PermissionError as err:
