@@ -27,7 +27,8 @@ from f2m_ray_cli.main import cli
               help="Decode batch (part of what fixes the output bytes).")
 @click.option("--seed-split", type=click.Choice(["all", "train"]), default="all", show_default=True,
               help="Draw seeds from all labeled ROIs (as the paper) or only the training split.")
-@click.option("--workers", type=int, default=None, help="Actor pool size [default: one per GPU, else one per core].")
+@click.option("--workers", type=int, default=None,
+              help="Actor pool size [default: one per core, at most one per file; GPUs are shared among them].")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in --out, keeping its finished files.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing synthetic dataset in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved run and exit.")
