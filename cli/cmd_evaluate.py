@@ -23,7 +23,7 @@ from f2m_ray_cli.main import cli
               help="R: real masses for the usefulness classifiers.")
 @click.option("--usefulness-synthetic", "usefulness_synthetic", type=int, default=10_000, show_default=True,
               help="S: synthetic masses added (capped at the dataset's size).")
-@click.option("--usefulness-steps", "usefulness_steps", type=int, default=1500, show_default=True,
+@click.option("--usefulness-steps", "usefulness_steps", type=int, default=1000, show_default=True,
               help="Optimizer steps for each usefulness classifier.")
 @click.option("--no-usefulness", is_flag=True, help="Skip the usefulness classifiers (the slowest step).")
 @click.option("--judge-epochs", type=int, default=100, show_default=True, help="Epochs for a judge trained here.")

@@ -73,7 +73,7 @@ class EvaluateConfig:
     seed: int | None = None  # split and subsampling seed; None: the judge's (or 0)
     usefulness_real: int = 200  # R: seen real masses the usefulness classifiers start from
     usefulness_synthetic: int = 10_000  # S: synthetic masses added (capped at what the dataset holds)
-    usefulness_steps: int = 1500  # optimizer steps for each usefulness classifier (same for all three)
+    usefulness_steps: int = 1000  # optimizer steps for each usefulness classifier (same for all three)
     usefulness: bool = True  # train the three usefulness classifiers (the slowest step)
     judge_epochs: int = 100  # epochs for a judge trained here (no --judge)
     k: int = 3  # neighbourhood of the precision/recall manifolds
