@@ -54,8 +54,9 @@ def phantom_train_rows(n: int, seed: int, val_fraction: float):
     return images, margins, shapes
 
 
-def plain_loop(preset, images, margins, shapes, epochs: int, threads: int, device: str, bf16: bool) -> list[EpochTiming]:
-    """The same steps as a Ray Train worker, in one process, one global batch per step."""
+def plain_loop(preset, images, margins, shapes, epochs: int, threads: int, device: str, bf16: bool,
+               batch: int | None = None) -> list[EpochTiming]:
+    """The same steps as a Ray Train worker, in one process, one global batch per step (or `batch`)."""
     cfg = preset.train
     if device == "cpu":
         torch.set_num_threads(threads)
@@ -66,7 +67,7 @@ def plain_loop(preset, images, margins, shapes, epochs: int, threads: int, devic
                             autocast_bf16=bf16 and device == "cuda")
     rng = torch.Generator().manual_seed(cfg.seed)
     order_rng = np.random.default_rng(cfg.seed)
-    batch = cfg.batch_size
+    batch = batch or cfg.batch_size
     timings = []
     for epoch in range(1, epochs + 1):
         order = order_rng.permutation(len(images))
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--no-bf16", action="store_true", help="fp32 on GPU")
     parser.add_argument("--plain-only", action="store_true", help="skip Ray (e.g. on a machine without it)")
+    parser.add_argument("--no-single-thread", action="store_true",
+                        help="skip the reference: one process, one thread, one worker's batch (x workers = ideal)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
@@ -169,6 +172,13 @@ def main(argv: list[str] | None = None) -> None:
         ray_per_epoch_overhead_s=overhead, steps_per_epoch_plain=before[0].steps,
         steps_per_epoch_ray=timings[0].steps,
     )
+    single = None
+    if not args.no_single_thread and args.device == "cpu":
+        # What one worker's share costs with no Ray and no DDP: x workers is perfect scaling.
+        per_worker = preset.train.batch_size // args.workers
+        single = plain_loop(preset, images, margins, shapes, args.epochs, 1, "cpu", False, batch=per_worker)
+        results.update(single_thread_img_s=steady(single), ideal_img_s=args.workers * steady(single),
+                       efficiency_vs_ideal=ray_rate / (args.workers * steady(single)))
     print()
     print(f"{'':34}{'steps/epoch':>12}{'steady img/s':>14}")
     print(f"{f'plain loop (1 process x {plain_threads} threads)':34}{before[0].steps:>12}{plain:>14.1f}"
@@ -176,6 +186,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{f'Ray Train ({args.workers} workers x {threads // args.workers} threads)':34}{timings[0].steps:>12}"
           f"{ray_rate:>14.1f}")
     print(f"ratio Ray Train / plain: {ray_rate / plain:.2f}")
+    if single:
+        print(f"{f'plain loop (1 process x 1 thread)':34}{single[0].steps:>12}{steady(single):>14.1f}"
+              f"   (batch {preset.train.batch_size // args.workers}; x {args.workers} = {args.workers * steady(single):.1f} ideal)")
+        print(f"Ray Train / ideal {args.workers}-way data parallelism: {results['efficiency_vs_ideal']:.2f}")
     print(f"Ray fixed start-up: {summary.startup_seconds:.1f} s from fit() to the first epoch, "
           f"+{first_extra:.1f} s in the first epoch; per-epoch evaluation/metrics/report overhead "
           f"{overhead:.1f} s (not in img/s)")

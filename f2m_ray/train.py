@@ -20,8 +20,9 @@ Why the settings are what they are:
   once per epoch, so every rank (and the checkpoint) holds the same eval-mode statistics.
 - D's forward in the generator phase runs under ``no_sync``: those D gradients are thrown
   away (zeroed before D's next step), so all-reducing them would be wasted bandwidth.
-- Evaluation calls the unwrapped modules in eval mode under ``no_grad``: nothing it does
-  can change parameters or the DDP reducer's state, so ranks cannot drift through it.
+- Evaluation (rank 0) runs under ``no_grad`` on the unwrapped G in eval mode and on copies
+  of D1/D2: nothing it does can change parameters, buffers or the DDP reducer's state, so
+  ranks cannot drift through it.
 - The training split is materialized before ``fit()``: phantoms are not re-rendered every
   epoch, and no Ray Data task has to run (and wait for a CPU slot) while the training
   workers hold theirs.
@@ -557,6 +558,7 @@ class PreparedData:
     samples: dict[str, Any]  # the sample-grid inputs (numpy arrays and row labels)
     description: str
     chance: dict[str, float] = field(default_factory=dict)  # 1 / classes present, per head
+    dropped: dict[str, int] = field(default_factory=dict)  # the reader's reasons -> rows left out
 
 
 @dataclass
@@ -699,6 +701,7 @@ def prepare_data(preset: Preset, options: RunOptions) -> PreparedData:
         samples=samples,
         description=read.description,
         chance={"margin": 1 / len(margins_present), "shape": 1 / len(shapes_present)},
+        dropped=dict(read.dropped),
     )
 
 
@@ -865,6 +868,8 @@ def train(
         f"data: {data.description}: {data.train_rows} train / {data.val_rows} val rows, "
         f"{len(data.categories)} categories"
     )
+    if data.dropped:
+        echo("left out by the reader: " + ", ".join(f"{reason} x{n}" for reason, n in sorted(data.dropped.items())))
     per_worker = cfg.batch_size // workers
     if data.train_rows // workers < per_worker:
         raise F2MError(
