@@ -647,6 +647,15 @@ def actor_spec(run: ResolvedRun, actors: ActorPlan) -> dict[str, Any]:
     }
 
 
+RAY_DATA_SETTINGS = {
+    "enable_progress_bars": False,  # our own progress lines instead (one per REPORT_SECONDS)
+    "print_on_execution_start": False,
+    # Every record an actor yields becomes its own (tiny) block, so that progress within a
+    # shard reaches the driver while the shard runs instead of when it ends.
+    "target_max_block_size": 1,
+}
+
+
 class _DropRecords:
     """A logging filter: drops INFO chatter, and warnings that only echo our own settings."""
 
@@ -676,19 +685,25 @@ def _run_on_ray(run: ResolvedRun, todo: list[Shard], progress: _Progress) -> Non
 
     ensure_ray()
     _quiet_ray_data()
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # our own progress lines instead (one per REPORT_SECONDS)
-    context.print_on_execution_start = False
     actors = plan_actors(len(todo), run.config.workers)
     progress.report(
         f"synthesizing {sum(s.rows for s in todo)} masses in {len(todo)} files with {actors.actors} actor(s) x "
         f"{actors.torch_threads} torch thread(s) on {actors.device}"
         + (f"; {len(progress.files)} files already done" if progress.files else "")
     )
-    shards = ray.data.from_items(
-        [{"category": s.category, "start": s.start, "stop": s.stop, "path": s.path} for s in todo],
-        override_num_blocks=len(todo),  # one shard per block: any actor can take any shard
-    )
+    # A dataset copies the current DataContext when it is made: change it for ours only.
+    context = ray.data.DataContext.get_current()
+    saved = {name: getattr(context, name) for name in RAY_DATA_SETTINGS}
+    for name, value in RAY_DATA_SETTINGS.items():
+        setattr(context, name, value)
+    try:
+        shards = ray.data.from_items(
+            [{"category": s.category, "start": s.start, "stop": s.stop, "path": s.path} for s in todo],
+            override_num_blocks=len(todo),  # one shard per block: any actor can take any shard
+        )
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
     results = shards.map_batches(
         ShardSynthesizer,
         fn_constructor_kwargs={"spec": actor_spec(run, actors)},
