@@ -34,6 +34,17 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """Small convolutions run no faster on two threads, and much slower on a busy machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

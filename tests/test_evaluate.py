@@ -27,12 +27,7 @@ TINY = judge_module.JudgeConfig(stem_channels=4, channels=(8, 8, 16, 16), featur
 FAST = dict(usefulness_steps=4, usefulness_real=40, usefulness_synthetic=60)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def real_phantoms():

@@ -8,28 +8,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from f2m_ray.checkpoint import load_checkpoint, save_checkpoint
+from f2m_ray.checkpoint import load_checkpoint
 from f2m_ray.config import PRESETS
 from f2m_ray.errors import F2MError
 from f2m_ray.feature_bank import BANK_FILE, load_feature_bank, write_feature_bank
 from f2m_ray.labels import parse_category
-from f2m_ray.networks import build_networks
 from f2m_ray.phantom import generate_phantoms
 from f2m_ray.readers import assign_split, to_model_range
 from f2m_ray.schema import BANK_METADATA_KEY
 from f2m_ray_cli.main import _register, cli
+from test_synthesize import make_checkpoint
 
 N_ROIS = 60
-
-
-def make_checkpoint(path: str, seed: int = 0) -> str:
-    """A random-init `tiny` checkpoint; weights widened so that decoded images vary."""
-    torch.manual_seed(seed)
-    nets = build_networks(PRESETS["tiny"].model)
-    for module in nets[0].modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
-            torch.nn.init.normal_(module.weight, 0.0, 0.2)
-    return save_checkpoint(path, PRESETS["tiny"], *nets, epoch=1, step=1)
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from f2m_ray_cli.main import _register, cli
 TINY = JudgeConfig(stem_channels=4, channels=(8, 8, 16, 16), feature_dim=16, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small convolutions run no faster on two threads, and much slower on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def easy_set(n: int, seed: int, val: int) -> LabeledArrays:
