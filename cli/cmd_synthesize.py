@@ -29,18 +29,28 @@ from f2m_ray_cli.main import cli
               help="Draw seeds from all labeled ROIs (as the paper) or only the training split.")
 @click.option("--workers", type=int, default=None,
               help="Actor pool size [default: one per core, at most one per file; GPUs are shared among them].")
+@click.option("--judge", default=None, metavar="JUDGE",
+              help="A judge (f2m-ray judge train): stores its label_confidence for every mass.")
+@click.option("--min-label-confidence", type=float, default=None, metavar="P",
+              help="Guard: reject masses the judge gives below P for their target margin and shape (needs --judge).")
+@click.option("--min-seed-distance", type=float, default=None, metavar="D",
+              help="Guard: reject masses within D (RMS pixel difference, images in [-1, 1]) of a seed image.")
+@click.option("--max-attempts", type=int, default=10, show_default=True,
+              help="Candidates a mass tries under the guards; if none passes, the closest is kept and flagged.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in --out, keeping its finished files.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing synthetic dataset in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved run and exit.")
 def synthesize(categories, n, out, model, bank, k, step, alpha, seed, rows_per_file, batch_size, seed_split,
-               workers, resume, overwrite, dry_run) -> None:
+               workers, judge, min_label_confidence, min_seed_distance, max_attempts, resume, overwrite,
+               dry_run) -> None:
     """Mix K same-category bank features per mass, decode, and write N masses per category."""
     from f2m_ray import synthesize as synthesis
 
     config = synthesis.SynthesisConfig(
         categories=tuple(categories), n=n, out=out, model=model, bank=bank, k=k, step=step, alpha=alpha,
         seed=seed, rows_per_file=rows_per_file, batch_size=batch_size, seed_split=seed_split,
-        workers=workers, resume=resume, overwrite=overwrite,
+        workers=workers, resume=resume, overwrite=overwrite, judge=judge,
+        min_label_confidence=min_label_confidence, min_seed_distance=min_seed_distance, max_attempts=max_attempts,
     )
     if dry_run:
         for line in synthesis.resolve(config).describe():
@@ -55,6 +65,13 @@ def synthesize(categories, n, out, model, bank, k, step, alpha, seed, rows_per_f
             f"wrote {summary.written_rows} masses in {summary.written_files} files in {summary.seconds:.1f} s "
             f"({summary.masses_per_second:.0f} masses/s)" + (f"; kept {kept} finished files" if kept else "")
         )
+    if summary.guards:
+        g = summary.guards
+        click.echo(f"guards: {g['rejected']} of {g['candidates']} candidates rejected "
+                   f"({100 * g['rejection_rate']:.1f}%)")
+        if g["unmet"]:
+            click.echo(f"warning: {g['unmet']} masses passed no guard in {config.max_attempts} attempts; "
+                       f"each keeps its closest candidate, flagged guards_passed = false", err=True)
     click.echo(f"dataset: {out}  ({summary.rows} masses, {summary.files} files)")
     click.echo(f"manifest: {summary.manifest}")
 

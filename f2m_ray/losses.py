@@ -38,14 +38,19 @@ def _bce(logit: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logit.float(), torch.full_like(logit, target, dtype=torch.float32))
 
 
-def discriminator_loss(out: DiscriminatorOutputs, labels: torch.Tensor, label_weight: float) -> dict[str, torch.Tensor]:
-    """Eq. 3 (D1, label_weight = lambda1) or eq. 4 (D2, label_weight = lambda2), to minimise."""
+def discriminator_loss(
+    out: DiscriminatorOutputs, labels: torch.Tensor, label_weight: float, fake_label_weight: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Eq. 3 (D1, label_weight = lambda1) or eq. 4 (D2, label_weight = lambda2), to minimise.
+
+    ``fake_label_weight`` scales the label term on fakes (1.0 is the paper's equation).
+    """
     # D: real -> 1, fake -> 0
     adversarial = _bce(out.real_logit, 1.0) + _bce(out.fake_logit, 0.0)
     # D: predict the true label on real and on fake (the paper's augmentation effect)
     label_real = F.cross_entropy(out.real_labels.float(), labels)
     label_fake = F.cross_entropy(out.fake_labels.float(), labels)
-    total = adversarial + label_weight * (label_real + label_fake)
+    total = adversarial + label_weight * (label_real + fake_label_weight * label_fake)
     return {"total": total, "adversarial": adversarial, "label_real": label_real, "label_fake": label_fake}
 
 

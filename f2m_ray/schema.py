@@ -16,10 +16,14 @@ Synthetic dataset (``f2m-ray synthesize``), one row per mass:
     model_id               string                        hash of the generator's weights
     bank_id                string                        hash of the feature bank's ids and features
     run_seed               int64                         the run seed
-    label_confidence       float32, nullable             reserved for the scoring step (null for now)
-    nearest_seed_distance  float32, nullable             L2 distance, in feature space, from the mixed
-                                                         feature to the nearest training-split seed of
-                                                         its category (null if it has none)
+    label_confidence       float32, nullable             the judge's p(margin | x) * p(shape | x) for the
+                                                         target labels (null when run without --judge)
+    nearest_seed_distance  float32, nullable             RMS pixel difference (images in [-1, 1]) to the
+                                                         nearest seed image of its category; 0 = a copy
+    attempt                int32                         which candidate (sub-seed) of sample i was kept;
+                                                         0 unless a guard rejected earlier ones
+    guards_passed          bool                          the kept candidate passed every guard set (false
+                                                         only when none of --max-attempts did)
 
 File-level metadata (key ``f2m_ray``, JSON): schema version, tool version, model id, bank id,
 model config, run arguments, category and the sample range [start, stop) the file holds.
@@ -51,7 +55,7 @@ import pyarrow as pa
 
 from f2m_ray.errors import F2MError
 
-SCHEMA_VERSION = 1  # synthetic rows; bump on any change a reader could notice
+SCHEMA_VERSION = 2  # synthetic rows; bump on any change a reader could notice
 BANK_SCHEMA_VERSION = 1
 METADATA_KEY = b"f2m_ray"
 BANK_METADATA_KEY = b"f2m_ray_bank"
@@ -84,6 +88,8 @@ SYNTHETIC_SCHEMA = pa.schema(
         pa.field("run_seed", pa.int64()),
         pa.field("label_confidence", pa.float32()),
         pa.field("nearest_seed_distance", pa.float32()),
+        pa.field("attempt", pa.int32()),
+        pa.field("guards_passed", pa.bool_()),
     ]
 )
 
@@ -116,6 +122,8 @@ HF_FEATURES: dict[str, Any] = {
     "run_seed": _value("int64"),
     "label_confidence": _value("float32"),
     "nearest_seed_distance": _value("float32"),
+    "attempt": _value("int32"),
+    "guards_passed": _value("bool"),
 }
 
 

@@ -87,6 +87,10 @@ class SynthesisConfig:
     workers: int | None = None  # actor pool size; default one per GPU, else one per core
     resume: bool = False  # finish a run in `out`, skipping its finished files
     overwrite: bool = False  # replace an existing synthetic dataset in `out`
+    judge: str | None = None  # judge (f2m-ray judge train) that scores label_confidence
+    min_label_confidence: float | None = None  # guard: reject candidates the judge scores below this
+    min_seed_distance: float | None = None  # guard: reject candidates this close (RMS pixels) to a seed
+    max_attempts: int = 10  # candidates (sub-seeds) a sample tries before keeping its best one
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,8 @@ class ResolvedRun:
     categories: tuple[CategoryPlan, ...]
     shards: tuple[Shard, ...]
     notes: tuple[str, ...]  # things the user should know (fewer seeds than K, ...)
+    judge_path: str | None = None
+    judge_id: str | None = None
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything the output's bytes depend on: resume refuses a run that differs."""
@@ -142,7 +148,16 @@ class ResolvedRun:
             "rows_per_file": c.rows_per_file,
             "batch_size": c.batch_size,
             "seed_split": c.seed_split,
+            "judge_id": self.judge_id,
+            "min_label_confidence": c.min_label_confidence,
+            "min_seed_distance": c.min_seed_distance,
+            "max_attempts": c.max_attempts if self.guarded else None,
         }
+
+    @property
+    def guarded(self) -> bool:
+        """True when a guard can reject candidates."""
+        return self.config.min_label_confidence is not None or self.config.min_seed_distance is not None
 
     def describe(self) -> list[str]:
         c = self.config
@@ -153,6 +168,13 @@ class ResolvedRun:
             f"per sample  K={c.k} seeds, weights on a {c.step:g} grid, alpha {c.alpha:g}, run seed {c.seed}",
             f"files       {len(self.shards)} of up to {c.rows_per_file} rows; decode batch {c.batch_size}",
         ]
+        if self.judge_path:
+            lines.append(f"judge       {self.judge_path}  (id {self.judge_id}): scores label_confidence")
+        guards = [f"label confidence >= {c.min_label_confidence:g}"] if c.min_label_confidence is not None else []
+        if c.min_seed_distance is not None:
+            guards.append(f"RMS pixel distance to the nearest seed >= {c.min_seed_distance:g}")
+        if guards:
+            lines.append(f"guards      {' and '.join(guards)}; up to {c.max_attempts} candidates per mass")
         for p in self.categories:
             lines.append(f"category    {p.category.name}: {c.n} masses from {p.pool_size} seeds (K used {p.k_used})")
         lines += [f"note        {n}" for n in self.notes]
@@ -169,6 +191,7 @@ class SynthesisSummary:
     seconds: float
     manifest: str
     notes: tuple[str, ...] = field(default_factory=tuple)
+    guards: dict[str, Any] | None = None  # totals of the manifest's guards section, when a guard was set
 
     @property
     def masses_per_second(self) -> float:
@@ -199,6 +222,15 @@ def _check_numbers(c: SynthesisConfig) -> None:
         raise F2MError("--resume and --overwrite exclude each other")
     if not c.categories:
         raise F2MError("name at least one --category (or 'all')")
+    if c.max_attempts < 1:
+        raise F2MError(f"--max-attempts must be at least 1, got {c.max_attempts}")
+    if c.min_label_confidence is not None:
+        if not 0 < c.min_label_confidence <= 1:
+            raise F2MError(f"--min-label-confidence is a probability in (0, 1], got {c.min_label_confidence}")
+        if not c.judge:
+            raise F2MError("--min-label-confidence needs a judge to score the masses: add --judge JUDGE")
+    if c.min_seed_distance is not None and not c.min_seed_distance > 0:
+        raise F2MError(f"--min-seed-distance must be > 0 (RMS pixel distance, images in [-1, 1]), got {c.min_seed_distance}")
     from f2m_ray.mixing import grid_units
 
     grid_units(c.step)
@@ -279,7 +311,7 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
 
     c = config
     _check_numbers(c)
-    for path, what in ((c.out, "output"), (c.model, "model"), (c.bank, "feature bank")):
+    for path, what in ((c.out, "output"), (c.model, "model"), (c.bank, "feature bank"), (c.judge, "judge")):
         if path:
             probe_storage(path, what)
     if not c.model and not c.bank:
@@ -304,6 +336,17 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
     feature_dim = int(meta["preset"]["model"]["feature_dim"])
     if bank.feature_dim != feature_dim:
         raise F2MError(f"the bank has {bank.feature_dim}-d features, the model expects {feature_dim}-d")
+    judge_path = judge_id = None
+    if c.judge:
+        from f2m_ray.judge import read_judge_metadata
+
+        judge_path = absolute(c.judge)
+        judge_meta = read_judge_metadata(judge_path)  # format and vocabulary checked
+        judge_size = int(judge_meta.get("config", {}).get("image_size", 64))
+        model_size = int(meta["preset"]["model"]["image_size"])
+        if judge_size != model_size:
+            raise F2MError(f"the judge {c.judge} reads {judge_size}x{judge_size} images, the model makes {model_size}x{model_size}")
+        judge_id = str(judge_meta.get("judge_id", ""))
     plans: list[CategoryPlan] = []
     notes: list[str] = []
     for category in _categories(c.categories, bank, c.seed_split, notes):
@@ -339,6 +382,8 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
         categories=tuple(plans),
         shards=shards,
         notes=tuple(notes),
+        judge_path=judge_path,
+        judge_id=judge_id,
     )
 
 
@@ -418,6 +463,7 @@ def _arguments(run: ResolvedRun) -> dict[str, Any]:
     args["categories"] = [p.category.name for p in run.categories]
     args["model"] = run.checkpoint
     args["bank"] = run.bank_path
+    args["judge"] = run.judge_path
     return args
 
 
@@ -437,16 +483,24 @@ class ShardSynthesizer:
         if checkpoint.model_id != spec["model_id"]:
             raise F2MError(f"the checkpoint {spec['checkpoint']} changed during the run")
         self.generator = checkpoint.generator(self.device)
-        self.bank = load_feature_bank(spec["bank"])
+        del checkpoint  # the discriminators' weights are not needed here
+        self.bank = load_feature_bank(spec["bank"], with_images=True)
         if self.bank.bank_id != spec["bank_id"]:
             raise F2MError(f"the feature bank {spec['bank']} changed during the run")
+        self.judge = None
+        if spec.get("judge"):
+            from f2m_ray.judge import load_judge
+
+            loaded = load_judge(spec["judge"])
+            if loaded.judge_id != spec["judge_id"]:
+                raise F2MError(f"the judge {spec['judge']} changed during the run")
+            self.judge = loaded.model.to(self.device).eval()
         self.pools: dict[str, np.ndarray] = {}  # category -> bank rows of its seeds, roi_id order
-        self.train_seeds: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # category -> (features, norms)
+        self.seed_pixels: dict[str, SeedPixels] = {}  # category -> its seeds' images, for nearest_seed_distance
         for name in spec["categories"]:
             category = parse_category(name)
             self.pools[name] = self.bank.pool(category, spec["seed_split"])
-            train = self.bank.features[self.bank.pool(category, "train")].astype(np.float64)  # (T, D)
-            self.train_seeds[name] = (train, np.einsum("td,td->t", train, train)) if len(train) else None
+            self.seed_pixels[name] = SeedPixels.of(self.bank, self.pools[name])
         self.metadata_base = {
             "tool_version": __version__,
             "model_id": spec["model_id"],
@@ -465,7 +519,7 @@ class ShardSynthesizer:
         category = parse_category(category_name)
         pool = self.pools[category_name]
         batch_size = spec["batch_size"]
-        columns: dict[str, list] = {k: [] for k in ("png", "seed_ids", "weights", "distance")}
+        columns: dict[str, list] = {k: [] for k in COLUMNS}
         reported = 0
         begin = start
         while begin < stop:
@@ -475,44 +529,106 @@ class ShardSynthesizer:
             if begin - start - reported >= PROGRESS_ROWS and begin < stop:
                 yield _record(category_name, start, stop, begin - start - reported)
                 reported = begin - start
-        table = self._table(category, start, stop, columns)
+        guard = guard_counts(columns)
+        table = self._table(category, start, stop, columns, guard)
         size = write_table(table, join(spec["out"], relative_path), row_group_size=ROW_GROUP_ROWS)
-        yield _record(category_name, start, stop, stop - start - reported, relative_path, size)
+        yield _record(category_name, start, stop, stop - start - reported, relative_path, size, guard)
 
     def _decode_batch(self, category: Category, pool: np.ndarray, begin: int, end: int, columns: dict[str, list]) -> None:
+        """Samples [begin, end): candidate 0 for each, then further sub-seeds for those a guard rejects."""
+        spec = self.spec
+        n = end - begin
+        best = self._candidates(category, pool, np.arange(begin, end), 0)
+        shortfall = self._shortfall(best)  # (n,), 0 = every guard passed
+        attempt = np.zeros(n, dtype=np.int32)
+        tried = np.ones(n, dtype=np.int32)
+        for a in range(1, spec.get("max_attempts", 1)):
+            pending = np.flatnonzero(shortfall > 0)
+            if len(pending) == 0:
+                break
+            candidate = self._candidates(category, pool, begin + pending, a)
+            gap = self._shortfall(candidate)
+            tried[pending] += 1
+            better = gap < shortfall[pending]  # the first candidate wins ties: a pure function of i
+            for key, values in candidate.items():
+                best[key][pending[better]] = values[better]
+            shortfall[pending[better]] = gap[better]
+            attempt[pending[better]] = a
+        columns["png"].extend(png_bytes(p) for p in best["pixels"])
+        columns["seed_ids"].extend(self.bank.roi_id[best["rows"]].tolist())
+        columns["weights"].extend(best["weights"].tolist())
+        columns["distance"].extend(best["distance"].tolist())
+        columns["confidence"].extend(best["confidence"].tolist())
+        columns["attempt"].extend(attempt.tolist())
+        columns["passed"].extend((shortfall == 0).tolist())
+        columns["tried"].extend(tried.tolist())
+
+    def _candidates(self, category: Category, pool: np.ndarray, indices: np.ndarray, attempt: int) -> dict[str, np.ndarray]:
+        """Plan, mix, decode and score candidate `attempt` of samples `indices` (at most one decode batch)."""
         import torch
 
         from f2m_ray.mixing import plan_sample
+        from f2m_ray.readers import to_model_range
 
         spec = self.spec
+        b = len(indices)
         plans = [
-            plan_sample(spec["seed"], category.id, index, len(pool), spec["k"], spec["step"], spec["alpha"])
-            for index in range(begin, end)
+            plan_sample(spec["seed"], category.id, int(index), len(pool), spec["k"], spec["step"], spec["alpha"], attempt)
+            for index in indices
         ]
         rows = np.stack([pool[p.seed_positions] for p in plans])  # (b, K) bank rows
         weights = np.stack([p.weights for p in plans])  # (b, K), each row on the grid, sum 1
-        mixed = np.zeros((spec["batch_size"], self.bank.feature_dim), dtype=np.float32)  # (B, D), padded
-        mixed[: end - begin] = mix_rows(self.bank.features[rows], weights)
+        # Always a full decode batch (zero-padded): a sample's bytes must not depend on its batch-mates.
+        mixed = np.zeros((spec["batch_size"], self.bank.feature_dim), dtype=np.float32)  # (B, D)
+        mixed[:b] = mix_rows(self.bank.features[rows], weights)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
             images = self.generator.decode(torch.from_numpy(mixed).to(self.device))  # (B, 1, 64, 64)
-        pixels = to_uint8(images.float().cpu().numpy()[: end - begin, 0])  # (b, 64, 64) uint8
-        columns["png"].extend(png_bytes(p) for p in pixels)
-        columns["seed_ids"].extend(self.bank.roi_id[rows].tolist())
-        columns["weights"].extend(weights.tolist())
-        train = self.train_seeds[category.name]
-        if train is None:
-            columns["distance"].extend([math.nan] * (end - begin))
-        else:
-            columns["distance"].extend(nearest_distance(mixed[: end - begin], *train).tolist())
+        pixels = to_uint8(images.float().cpu().numpy()[:, 0])  # (B, 64, 64) uint8, as stored
+        confidence = np.full(b, np.nan, dtype=np.float32)
+        if self.judge is not None:  # scores the stored 8-bit image, as a reader of the PNG gets it
+            confidence = self._label_confidence(to_model_range(pixels), category)[:b]
+        return {
+            "rows": rows,
+            "weights": weights,
+            "pixels": pixels[:b],
+            "distance": self.seed_pixels[category.name].nearest(pixels[:b]),
+            "confidence": confidence,
+        }
 
-    def _table(self, category: Category, start: int, stop: int, columns: dict[str, list]):
+    def _label_confidence(self, images: np.ndarray, category: Category) -> np.ndarray:
+        """p(margin | x) * p(shape | x) from the judge for a full (B, 64, 64) batch."""
+        import torch
+
+        with torch.inference_mode():
+            h = self.judge.features(torch.from_numpy(images).to(self.device))
+            margin = torch.softmax(self.judge.margin_head(h).float(), dim=1)[:, category.margin_id]
+            shape = torch.softmax(self.judge.shape_head(h).float(), dim=1)[:, category.shape_id]
+        return (margin * shape).cpu().numpy().astype(np.float32)
+
+    def _shortfall(self, candidate: dict[str, np.ndarray]) -> np.ndarray:
+        """How far each candidate falls short of the guards, each in its own relative units; 0 = accepted."""
+        spec = self.spec
+        gap = np.zeros(len(candidate["rows"]), dtype=np.float64)
+        if spec.get("min_label_confidence") is not None:
+            p = float(spec["min_label_confidence"])
+            gap += np.maximum(0.0, p - candidate["confidence"].astype(np.float64)) / p
+        if spec.get("min_seed_distance") is not None:
+            d = float(spec["min_seed_distance"])
+            distance = np.nan_to_num(candidate["distance"].astype(np.float64), nan=d)  # no seed to copy: passes
+            gap += np.maximum(0.0, d - distance) / d
+        return gap
+
+    def _table(self, category: Category, start: int, stop: int, columns: dict[str, list], guard: dict[str, int]):
         import pyarrow as pa
 
         spec = self.spec
         n = stop - start
         ids = [f"{category.name}-{i:09d}" for i in range(start, stop)]
         distance = np.asarray(columns["distance"], dtype=np.float32)
-        metadata = synthetic_metadata({**self.metadata_base, "category": category.name, "sample_range": [start, stop]})
+        confidence = np.asarray(columns["confidence"], dtype=np.float32)
+        metadata = synthetic_metadata(
+            {**self.metadata_base, "category": category.name, "sample_range": [start, stop], "guard": guard}
+        )
         schema = SYNTHETIC_SCHEMA.with_metadata(metadata)
         return pa.Table.from_arrays(
             [
@@ -531,8 +647,10 @@ class ShardSynthesizer:
                 pa.array([spec["model_id"]] * n, pa.string()),
                 pa.array([spec["bank_id"]] * n, pa.string()),
                 pa.array(np.full(n, spec["seed"], dtype=np.int64)),
-                pa.nulls(n, pa.float32()),
+                pa.array(confidence, pa.float32(), mask=np.isnan(confidence)),
                 pa.array(distance, pa.float32(), mask=np.isnan(distance)),
+                pa.array(np.asarray(columns["attempt"], dtype=np.int32)),
+                pa.array(np.asarray(columns["passed"], dtype=bool)),
             ],
             schema=schema,
         )
@@ -549,19 +667,65 @@ def mix_rows(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.einsum("bk,bkd->bd", weights, features.astype(np.float64)).astype(np.float32)
 
 
-def nearest_distance(mixed: np.ndarray, seeds: np.ndarray, seed_norms: np.ndarray) -> np.ndarray:
-    """L2 distance from each (b, D) mixed feature to the nearest of (T, D) seed features: (b,).
+@dataclass(frozen=True)
+class SeedPixels:
+    """A category's seed images (8-bit), for the RMS pixel distance to the nearest one.
 
-    Against the category's training-split seeds (the ROIs a sample could copy); einsum
-    again, for bit-identical results independent of batching and threads.
+    Pixels are whole numbers 0..255 held in float64, so every dot product below is an exact
+    integer (4096 * 255**2 is far below 2**53) whatever BLAS's summation order: the distance,
+    and with it a guard's verdict, is the same on any machine, thread count or batch.
     """
-    x = mixed.astype(np.float64)
-    squared = np.einsum("bd,bd->b", x, x)[:, None] - 2.0 * np.einsum("bd,td->bt", x, seeds) + seed_norms[None, :]
-    return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
+
+    images: np.ndarray  # (T, H*W) float64, whole numbers 0..255
+    norms: np.ndarray  # (T,) squared L2 norms (exact)
+
+    @classmethod
+    def of(cls, bank: FeatureBank, rows: np.ndarray) -> "SeedPixels":
+        from f2m_ray.schema import decode_png
+
+        if len(rows) == 0:
+            return cls(np.zeros((0, 0)), np.zeros(0))
+        images = np.stack([decode_png(bank.images[r]) for r in rows]).reshape(len(rows), -1).astype(np.float64)
+        return cls(images, (images * images).sum(axis=1))
+
+    def nearest(self, pixels: np.ndarray) -> np.ndarray:
+        """(b, H, W) uint8 images -> (b,) float32 RMS difference to the nearest seed, in [-1, 1] units.
+
+        The same measure as `metrics.nearest_rms_pixel_distances` on images in f2m-ray's
+        [-1, 1] range (0 for an exact copy); NaN when the category has no seeds.
+        """
+        b = len(pixels)
+        if len(self.images) == 0:
+            return np.full(b, np.nan, dtype=np.float32)
+        x = pixels.reshape(b, -1).astype(np.float64)
+        squared = (x * x).sum(axis=1)[:, None] - 2.0 * (x @ self.images.T) + self.norms[None, :]  # exact integers
+        rms = np.sqrt(np.maximum(squared.min(axis=1), 0.0) / x.shape[1]) / 127.5  # 8-bit -> [-1, 1] units
+        return rms.astype(np.float32)
 
 
-def _record(category: str, start: int, stop: int, rows: int, path: str = "", size: int = 0) -> dict[str, np.ndarray]:
+GUARD_KEYS = ("candidates", "rejected", "unmet")
+COLUMNS = ("png", "seed_ids", "weights", "distance", "confidence", "attempt", "passed", "tried")
+
+
+def guard_counts(columns: dict[str, list]) -> dict[str, int]:
+    """Per-file guard statistics: candidates tried, rejected, and masses that passed no candidate."""
+    samples = len(columns["attempt"])
+    candidates = int(sum(columns["tried"]))
     return {
+        "samples": samples,
+        "candidates": candidates,
+        "rejected": candidates - int(sum(columns["passed"])),  # every candidate not kept as passing
+        "unmet": int(samples - sum(columns["passed"])),
+    }
+
+
+def _record(category: str, start: int, stop: int, rows: int, path: str = "", size: int = 0,
+            guard: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    guard = guard or {}
+    return {
+        "candidates": np.array([guard.get("candidates", 0)], dtype=np.int64),
+        "rejected": np.array([guard.get("rejected", 0)], dtype=np.int64),
+        "unmet": np.array([guard.get("unmet", 0)], dtype=np.int64),
         "category": np.array([category]),
         "start": np.array([start], dtype=np.int64),
         "stop": np.array([stop], dtype=np.int64),
@@ -605,7 +769,8 @@ class _Progress:
             if path:
                 start, stop = int(batch["start"][i]), int(batch["stop"][i])
                 record = {"path": path, "category": str(batch["category"][i]), "start": start, "stop": stop,
-                          "rows": stop - start, "bytes": int(batch["bytes"][i])}
+                          "rows": stop - start, "bytes": int(batch["bytes"][i]),
+                          "guard": {k: int(batch[k][i]) for k in GUARD_KEYS}}
                 self.files[path] = record
                 if self.on_file:
                     self.on_file(record)
@@ -644,6 +809,11 @@ def actor_spec(run: ResolvedRun, actors: ActorPlan) -> dict[str, Any]:
         "seed_split": c.seed_split,
         "torch_threads": actors.torch_threads,
         "device": actors.device,
+        "judge": run.judge_path,
+        "judge_id": run.judge_id,
+        "min_label_confidence": c.min_label_confidence,
+        "min_seed_distance": c.min_seed_distance,
+        "max_attempts": c.max_attempts if run.guarded else 1,
     }
 
 
@@ -765,7 +935,7 @@ def synthesize(
         if s.path in finished
     }
     if files:
-        _verify_finished(run, list(files.values()))
+        _verify_finished(run, list(files.values()))  # and reads their guard counts
     todo = [s for s in run.shards if s.path not in finished]
     progress = _Progress(run, files, report, on_file)
     if todo:
@@ -775,6 +945,7 @@ def synthesize(
     if missing:
         raise F2MError(f"{len(missing)} files were not written (e.g. {missing[0]}); run again with --resume")
     manifest = write_manifest(run, [files[s.path] for s in run.shards], seconds)
+    guards = guard_summary([files[s.path]["guard"] for s in run.shards]) if run.guarded else None
     return SynthesisSummary(
         out=config.out,
         rows=progress.total,
@@ -784,6 +955,7 @@ def synthesize(
         seconds=seconds,
         manifest=manifest,
         notes=run.notes,
+        guards=guards,
     )
 
 
@@ -809,6 +981,7 @@ def _verify_finished(run: ResolvedRun, records: list[dict[str, Any]]) -> None:
             raise F2MError(f"cannot resume: {path} is not a readable shard ({_first_line(err)}); use --overwrite") from None
         if rows != record["rows"] or meta.get("run") != wanted or meta.get("sample_range") != [record["start"], record["stop"]]:
             raise F2MError(f"cannot resume: {path} does not hold samples {record['start']}..{record['stop'] - 1} of this run")
+        record["guard"] = {k: int(meta.get("guard", {}).get(k, 0)) for k in GUARD_KEYS}
 
 
 def write_manifest(run: ResolvedRun, files: list[dict[str, Any]], seconds: float) -> str:
@@ -816,6 +989,17 @@ def write_manifest(run: ResolvedRun, files: list[dict[str, Any]], seconds: float
     counts: dict[str, int] = {}
     for record in files:
         counts[record["category"]] = counts.get(record["category"], 0) + record["rows"]
+    c = run.config
+    guards = {
+        "judge_id": run.judge_id,
+        "min_label_confidence": c.min_label_confidence,
+        "min_seed_distance": c.min_seed_distance,
+        "max_attempts": c.max_attempts if run.guarded else 1,
+        "total": guard_summary([r["guard"] for r in files]),
+        "per_category": {
+            name: guard_summary([r["guard"] for r in files if r["category"] == name]) for name in counts
+        },
+    }
     manifest = {
         "format": MANIFEST_FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -828,12 +1012,20 @@ def write_manifest(run: ResolvedRun, files: list[dict[str, Any]], seconds: float
         "rows": sum(counts.values()),
         "counts": counts,
         "notes": list(run.notes),
+        "guards": guards,
         "arguments": _arguments(run),
         "fingerprint": run.fingerprint(),
         "files": files,
     }
     _write_json(run.config.out, MANIFEST_NAME, manifest)
     return join(run.config.out, MANIFEST_NAME)
+
+
+def guard_summary(counts: list[dict[str, int]]) -> dict[str, Any]:
+    """Candidates, rejections and unmet masses summed over files, with the rejection rate."""
+    total = {k: sum(int(c.get(k, 0)) for c in counts) for k in GUARD_KEYS}
+    total["rejection_rate"] = round(total["rejected"] / total["candidates"], 6) if total["candidates"] else 0.0
+    return total
 
 
 def _write_json(out: str, name: str, content: dict[str, Any]) -> None:

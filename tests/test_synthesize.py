@@ -24,7 +24,7 @@ from f2m_ray.labels import parse_category
 from f2m_ray.networks import build_networks
 from f2m_ray.phantom import generate_phantoms
 from f2m_ray.readers import assign_split, to_model_range
-from f2m_ray.schema import MANIFEST_NAME, png_bytes, to_uint8
+from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, png_bytes, to_uint8
 from f2m_ray.synthesize import SynthesisConfig, resolve, synthesize
 from f2m_ray.synthetic import SyntheticTorchDataset, open_synthetic, read_table
 from f2m_ray_cli.main import _register, cli
@@ -114,7 +114,7 @@ def test_local_files_and_manifest(local_run, model):
     names = sorted(os.listdir(out / CATEGORY))
     assert names == [f"part-{a:06d}-{a + 249:06d}.parquet" for a in (0, 250, 500, 750)]
     manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["counts"] == {CATEGORY: 1000} and manifest["schema_version"] == 1
+    assert manifest["counts"] == {CATEGORY: 1000} and manifest["schema_version"] == SCHEMA_VERSION == 2
     assert manifest["model_id"] == load_checkpoint(model).model_id
     assert [f["path"] for f in manifest["files"]] == [f"{CATEGORY}/{n}" for n in names]
     assert manifest["arguments"]["k"] == 20 and manifest["arguments"]["seed"] == 0

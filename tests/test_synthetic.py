@@ -57,7 +57,7 @@ def test_torch_dataset_decodes_png_to_model_range(dataset):
 def test_inspect_counts_and_sheet_images(dataset):
     info = inspect_dataset(str(dataset))
     assert info["counts"] == {CATEGORY: 40, OTHER: 40} and info["rows"] == 80 and info["files"] == 4
-    assert info["schema_version"] == 1 and info["arguments"]["k"] == 5
+    assert info["schema_version"] == 2 and info["arguments"]["k"] == 5
     images = sample_images(str(dataset), per_category=3)
     assert sorted(images) == sorted([CATEGORY, OTHER]) and images[OTHER][0].shape == (64, 64)
     assert images[OTHER][0].dtype == np.uint8
