@@ -213,11 +213,11 @@ class _Encoder:
     """Ray Data actor: loads the generator once, encodes batches of labeled rows."""
 
     def __init__(self, checkpoint: str, torch_threads: int, device: str):
-        from f2m_ray.checkpoint import load_checkpoint
+        from f2m_ray.checkpoint import load_generator
 
         prepare_torch(torch_threads, device)
         self.device = device
-        self.generator = load_checkpoint(checkpoint).generator(device)
+        self.generator, _ = load_generator(checkpoint, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

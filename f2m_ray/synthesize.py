@@ -474,16 +474,14 @@ class ShardSynthesizer:
     """Ray Data actor: loads the model and bank once; turns a shard into a Parquet file."""
 
     def __init__(self, spec: dict[str, Any]):
-        from f2m_ray.checkpoint import load_checkpoint
+        from f2m_ray.checkpoint import load_generator
 
         self.spec = spec
         prepare_torch(spec["torch_threads"], spec["device"])
         self.device = spec["device"]
-        checkpoint = load_checkpoint(spec["checkpoint"])
-        if checkpoint.model_id != spec["model_id"]:
+        self.generator, meta = load_generator(spec["checkpoint"], self.device)
+        if meta["model_id"] != spec["model_id"]:
             raise F2MError(f"the checkpoint {spec['checkpoint']} changed during the run")
-        self.generator = checkpoint.generator(self.device)
-        del checkpoint  # the discriminators' weights are not needed here
         self.bank = load_feature_bank(spec["bank"], with_images=True)
         if self.bank.bank_id != spec["bank_id"]:
             raise F2MError(f"the feature bank {spec['bank']} changed during the run")

@@ -235,11 +235,12 @@ class Feature2MassStep:
             fake_m, fake_m_labels = self.d_margin(fake.detach())
             real_s, real_s_labels = self.d_shape(images)
             fake_s, fake_s_labels = self.d_shape(fake.detach())
+        fake_weight = self.loss.fake_label_weight
         loss_m = discriminator_loss(
-            DiscriminatorOutputs(real_m, real_m_labels, fake_m, fake_m_labels), margins, self.loss.lambda_margin, self.loss.fake_label_weight
+            DiscriminatorOutputs(real_m, real_m_labels, fake_m, fake_m_labels), margins, self.loss.lambda_margin, fake_weight
         )
         loss_s = discriminator_loss(
-            DiscriminatorOutputs(real_s, real_s_labels, fake_s, fake_s_labels), shapes, self.loss.lambda_shape, self.loss.fake_label_weight
+            DiscriminatorOutputs(real_s, real_s_labels, fake_s, fake_s_labels), shapes, self.loss.lambda_shape, fake_weight
         )
         self.optimizer_d.zero_grad(set_to_none=True)
         (loss_m["total"] + loss_s["total"]).backward()

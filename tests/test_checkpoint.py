@@ -37,6 +37,20 @@ def test_round_trip(saved):
     assert ckpt.model_id == checkpoint.model_id(g.state_dict()) and len(ckpt.model_id) == 16
 
 
+def test_generator_only_loading_matches_the_full_checkpoint(saved):
+    run, _ = saved
+    full = checkpoint.load_checkpoint(str(run)).generator()
+    generator, meta = checkpoint.load_generator(str(run))
+    assert meta["epoch"] == 3 and meta["model_id"] == checkpoint.model_id(generator.state_dict())
+    assert not generator.training and not any(p.is_meta for p in generator.parameters())
+    assert generator.state_dict().keys() == full.state_dict().keys()
+    for name, tensor in full.state_dict().items():
+        torch.testing.assert_close(generator.state_dict()[name], tensor, rtol=0, atol=0)
+    v = torch.randn(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(generator.decode(v), full.decode(v), rtol=0, atol=0)
+
+
 def test_run_folder_resolves_to_latest(saved):
     run, _ = saved
     assert checkpoint.find_checkpoint(str(run)).endswith("checkpoint_000003")
@@ -79,6 +93,8 @@ def test_corrupt_files_refused(saved, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(F2MError, match="corrupt checkpoint model weights"):
         checkpoint.load_checkpoint(str(run / "checkpoint_000002"))
+    with pytest.raises(F2MError, match="corrupt checkpoint model weights"):
+        checkpoint.load_generator(str(run / "checkpoint_000002"))
     (run / "checkpoint_000003" / "f2m_checkpoint.json").write_text("{not json")
     with pytest.raises(F2MError, match="not valid JSON"):
         checkpoint.load_checkpoint(str(run / "checkpoint_000003"))
@@ -100,4 +116,6 @@ def test_pickled_object_is_not_executed(saved, tmp_path):
     torch.save({"generator": Evil(), "d_margin": {}, "d_shape": {}}, run / "checkpoint_000001" / "model.pt")
     with pytest.raises(F2MError, match="corrupt checkpoint"):
         checkpoint.load_checkpoint(str(run / "checkpoint_000001"))
+    with pytest.raises(F2MError, match="corrupt checkpoint"):
+        checkpoint.load_generator(str(run / "checkpoint_000001"))
     assert not (tmp_path / "pwned").exists()

@@ -75,3 +75,17 @@ def test_few_tiny_steps_lower_l1():
         opt_g.step()
         l1_values.append(gl["l1"].item())
     assert sum(l1_values[-5:]) / 5 < 0.7 * sum(l1_values[:5]) / 5
+
+
+def test_fake_label_weight_scales_only_the_label_term_on_fakes():
+    labels = torch.tensor([0, 1, 2, 3])
+    g = torch.Generator().manual_seed(1)
+    out = DiscriminatorOutputs(torch.randn(4, generator=g), torch.randn(4, 5, generator=g),
+                               torch.randn(4, generator=g), torch.randn(4, 5, generator=g))
+    full = discriminator_loss(out, labels, 10.0)
+    tenth = discriminator_loss(out, labels, 10.0, fake_label_weight=0.1)
+    none = discriminator_loss(out, labels, 10.0, fake_label_weight=0.0)
+    torch.testing.assert_close(full["total"], full["adversarial"] + 10 * (full["label_real"] + full["label_fake"]))
+    torch.testing.assert_close(tenth["total"], full["adversarial"] + 10 * (full["label_real"] + 0.1 * full["label_fake"]))
+    torch.testing.assert_close(none["total"], full["adversarial"] + 10 * full["label_real"])
+    assert PRESETS["paper"].loss.fake_label_weight == 1.0 and PRESETS["small"].loss.fake_label_weight == 0.1
