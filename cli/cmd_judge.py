@@ -54,14 +54,15 @@ def judge_train(data: str, fmt: str, out: str, epochs: int | None, batch_size: i
     from f2m_ray.runtime import ensure_ray
     from f2m_ray.train import quiet_console
 
-    ensure_ray()
+    ensure_ray(log_to_driver=False)  # epoch lines come through train_judge_on_ray's progress
     quiet_console()
     source = read_labeled(data, fmt, train_config.val_fraction, train_config.seed)
     arrays = collect_labeled(source.dataset)
     train_rows = int((arrays.split == "train").sum())
     click.echo(f"judge: {source.description}; {train_rows} train, {len(arrays) - train_rows} held out", err=True)
     use_gpu = bool(ray.cluster_resources().get("GPU", 0))
-    report = train_judge_on_ray(arrays, out, JudgeConfig(), train_config, workers, use_gpu, data_description=data)
+    report = train_judge_on_ray(arrays, out, JudgeConfig(), train_config, workers, use_gpu, data_description=data,
+                                progress=lambda line: click.echo(line, err=True))
     click.echo(_summary(report))
     click.echo(f"judge: {out}")
 

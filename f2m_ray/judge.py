@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -361,9 +362,15 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     started = time.perf_counter()
     model = ray.train.torch.prepare_model(new_judge(config, train_config.seed))
 
+    lines = loop_config.get("progress")  # a ray.util.queue.Queue the driver prints from, or None
+
     def on_epoch(epoch: int, loss: float) -> None:
         if rank == 0 and (epoch % 5 == 0 or epoch == train_config.epochs):
-            print(f"judge epoch {epoch}/{train_config.epochs}: loss {loss:.3f}", flush=True)
+            line = f"judge epoch {epoch}/{train_config.epochs}: loss {loss:.3f}"
+            if lines is not None:
+                lines.put(line)
+            else:
+                print(line, flush=True)
 
     result = fit(model, train.images, train.margin, train.shape, train_config, rank, world_size, device, on_epoch=on_epoch)
     judge = getattr(model, "module", model).cpu()
@@ -382,6 +389,7 @@ def train_judge_on_ray(
     num_workers: int = 1,
     use_gpu: bool = False,
     data_description: str = "",
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train a judge with Ray Train (TorchTrainer, DDP over `num_workers`); rank 0 writes it to `out`.
 
@@ -389,6 +397,9 @@ def train_judge_on_ray(
     settings forwarded to the workers, a worker's F2MError surfaced as one line. Returns the
     judge's report (held-out accuracy), read back from what rank 0 wrote. The labeled arrays
     travel once through the object store; every worker trains on its slice of each batch.
+    ``progress`` gets rank 0's epoch lines on the driver (through a Ray queue, so it works
+    across nodes and with the workers' own logs kept off the console); without it they are
+    printed by the worker.
     """
     import ray
     import ray.train
@@ -405,6 +416,7 @@ def train_judge_on_ray(
         "data": ray.put(data),
         "out": out,
         "data_description": data_description,
+        "progress": None,
     }
     resources = {"CPU": cpu_per_worker(use_gpu), **({"GPU": 1} if use_gpu else {})}
     # Ray Train keeps its run state under storage_path; nothing of it is needed afterwards.
@@ -422,7 +434,9 @@ def train_judge_on_ray(
             ),
         )
         try:
-            trainer.fit()
+            with _ProgressPump(progress) as queue:
+                loop_config["progress"] = queue
+                trainer.fit()
         except ray.train.TrainingFailedError as err:
             inner = _unwrap_training_error(err)
             if isinstance(inner, F2MError):
@@ -430,6 +444,46 @@ def train_judge_on_ray(
             first = (str(inner).strip().splitlines() or [""])[0]
             raise F2MError(f"judge training failed: {type(inner).__name__}: {first}") from None
     return read_judge_metadata(out)["report"]
+
+
+class _ProgressPump:
+    """A Ray queue whose lines a driver thread hands to `progress` while training runs."""
+
+    def __init__(self, progress: Callable[[str], None] | None):
+        self.progress = progress
+        self.queue = None
+        self.thread: threading.Thread | None = None
+        self.stop = threading.Event()
+
+    def __enter__(self):
+        if self.progress is None:
+            return None
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self.queue
+
+    def _run(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                line = self.queue.get(block=True, timeout=0.5)
+            except Empty:
+                if self.stop.is_set():
+                    return
+                continue
+            except Exception:  # the queue's actor went away: nothing more will come
+                return
+            self.progress(line)
+
+    def __exit__(self, *exc) -> None:
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join(timeout=10)
+            self.queue.shutdown()
 
 
 # ---------------------------------------------------------------- save and load

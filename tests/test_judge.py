@@ -140,6 +140,7 @@ def test_cli_judge_train_on_ray_train_and_info(ray_local, tmp_path):
                     "--workers", "2")
     assert result.exit_code == 0, result.output
     assert "held-out accuracy on" in result.stdout
+    assert result.stderr.count("judge epoch 1/1: loss ") == 1  # rank 0's line, once, on the driver
     meta = json.loads((tmp_path / "judge" / "f2m_judge.json").read_text())
     assert meta["format"] == "f2m-ray-judge" and meta["data"] == "phantom:120"
     report = meta["report"]
