@@ -88,14 +88,25 @@ def bare_decode(checkpoint: str, n: int, batch_size: int, device: str = "cpu") -
 
 
 def pipeline(checkpoint: str, out: str, n: int, rows_per_file: int, batch_size: int, use_ray: bool,
-             workers: int | None) -> tuple[float, float]:
-    """(b) or (c): (masses/s, seconds) of a whole synthesize() call."""
+             workers: int | None) -> tuple[float, float, float | None]:
+    """(b) or (c): (masses/s, seconds) of a whole synthesize() call, and its steady rate.
+
+    The steady rate counts the files finished after the first wave (one file per actor):
+    rows / time between the end of the first wave and the last file; None with too few files.
+    """
     shutil.rmtree(out, ignore_errors=True)
     config = SynthesisConfig(categories=(CATEGORY,), n=n, out=out, model=checkpoint, rows_per_file=rows_per_file,
                              batch_size=batch_size, workers=workers)
-    summary = synthesize(config, report=lambda line: print(f"    {line}", file=sys.stderr), use_ray=use_ray)
+    finished: list[tuple[float, int]] = []
+    summary = synthesize(config, report=lambda line: print(f"    {line}", file=sys.stderr), use_ray=use_ray,
+                         on_file=lambda record: finished.append((time.perf_counter(), record["rows"])))
     assert summary.rows == n
-    return n / summary.seconds, summary.seconds
+    wave = min(workers or local_cores(), len(finished)) if use_ray else 1
+    steady = None
+    if len(finished) > wave:
+        rows = sum(r for _, r in finished[wave:])
+        steady = rows / (finished[-1][0] - finished[wave - 1][0])
+    return n / summary.seconds, summary.seconds, steady
 
 
 def stage_costs(checkpoint: str, samples: int = 512) -> dict[str, float]:
@@ -129,7 +140,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--n", type=int, default=10_000, help="masses per measurement")
-    parser.add_argument("--rows-per-file", type=int, default=1_000)
+    parser.add_argument("--rows-per-file", type=int, default=1_024,
+                        help="a multiple of --batch-size: no padded decode batches at file boundaries")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="actor pool size for (c) [default: auto]")
     parser.add_argument("--seeds", type=int, default=40, help="bank size (one category)")
@@ -152,7 +164,7 @@ def main() -> None:
         device = "cuda" if args.no_ray and torch.cuda.is_available() else "cpu"
         if args.no_ray:
             a1 = bare_decode(checkpoint, args.n, args.batch_size, device)
-            b1, _ = pipeline(checkpoint, out, args.n, args.rows_per_file, args.batch_size, use_ray=False, workers=None)
+            b1, _, _ = pipeline(checkpoint, out, args.n, args.rows_per_file, args.batch_size, use_ray=False, workers=None)
             print(f"(a) bare decoder loop on {device}         {a1:8.1f} masses/s")
             print(f"(b) plain loop on {device}: decode+PNG+Parquet {b1:8.1f} masses/s   b/a = {b1 / a1:.3f}")
             return
@@ -162,6 +174,7 @@ def main() -> None:
         ensure_ray()  # Ray's own start-up is not part of (c); actor start-up is
         runs: dict[str, list[float]] = {"a": [], "b": [], "c": []}
         c_seconds = []
+        steady: dict[str, list[float]] = {"b": [], "c": []}
         for round_index in range(args.rounds):
             # Rotate the order so that no variant always runs in the same slot of a load swing.
             order = "abc"[round_index % 3:] + "abc"[: round_index % 3]
@@ -169,9 +182,11 @@ def main() -> None:
                 if kind == "a":
                     runs["a"].append(bare_decode(checkpoint, args.n, args.batch_size))
                 else:
-                    rate, seconds = pipeline(checkpoint, out, args.n, args.rows_per_file, args.batch_size,
-                                             use_ray=kind == "c", workers=args.workers)
+                    rate, seconds, steady_rate = pipeline(checkpoint, out, args.n, args.rows_per_file,
+                                                          args.batch_size, use_ray=kind == "c", workers=args.workers)
                     runs[kind].append(rate)
+                    if steady_rate:
+                        steady[kind].append(steady_rate)
                     if kind == "c":
                         c_seconds.append(seconds)
             r = {k: v[-1] for k, v in runs.items()}
@@ -184,9 +199,16 @@ def main() -> None:
         print(f"(b) plain loop: decode+PNG+Parquet    {b:8.1f} masses/s   (median of {spread['b']})")
         print(f"(c) Ray Data pipeline, end to end     {c:8.1f} masses/s   (median of {spread['c']})")
         print(f"c/a = {c / a:.3f}   c/b = {c / b:.3f}   (medians; targets on 2 cores: c/a >= 0.85, c/b >= 0.95)")
+        if steady["b"] and steady["c"]:
+            sb, sc = float(np.median(steady["b"])), float(np.median(steady["c"]))
+            startup = float(np.median(c_seconds)) - args.n / sc
+            print(f"steady state (files after the first wave): b {sb:.1f}, c {sc:.1f} masses/s, c/b = {sc / sb:.3f}; "
+                  f"(c)'s fixed start-up ~{startup:.1f} s (actor processes, imports, model and bank)")
+            for n_big in (40_000, 100_000):
+                print(f"  expected c/b at --n {n_big}: {(n_big / sb) / (startup + n_big / sc):.3f}")
         if args.full:
-            full, full_seconds = pipeline(checkpoint, out, 100_000, 10_000, args.batch_size, use_ray=True,
-                                          workers=args.workers)
+            full, full_seconds, _ = pipeline(checkpoint, out, 100_000, 10_000, args.batch_size, use_ray=True,
+                                             workers=args.workers)
             print(f"--n 100000 ({args.preset}): {full_seconds:.0f} s measured ({full:.1f} masses/s, 10 files)")
         else:
             print(f"--n 100000 ({args.preset}): ~{100_000 / c:.0f} s extrapolated from (c)'s median rate on "

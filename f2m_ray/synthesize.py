@@ -670,21 +670,26 @@ class SeedPixels:
     """A category's seed images (8-bit), for the RMS pixel distance to the nearest one.
 
     Pixels are whole numbers 0..255 held in float64, so every dot product below is an exact
-    integer (4096 * 255**2 is far below 2**53) whatever BLAS's summation order: the distance,
-    and with it a guard's verdict, is the same on any machine, thread count or batch.
+    integer (4096 * 255**2 is far below 2**53) whatever the summation order: the distance, and
+    with it a guard's verdict, is the same on any machine, thread count or batch. The product
+    runs in torch, on the actor's torch threads: numpy's BLAS would start a second thread pool
+    whose idle spinning slows the decoder down by a fifth on 2 cores.
     """
 
-    images: np.ndarray  # (T, H*W) float64, whole numbers 0..255
-    norms: np.ndarray  # (T,) squared L2 norms (exact)
+    seeds_t: Any  # torch (H*W, T) float64, whole numbers 0..255
+    norms: Any  # torch (T,) squared L2 norms (exact)
 
     @classmethod
     def of(cls, bank: FeatureBank, rows: np.ndarray) -> "SeedPixels":
+        import torch
+
         from f2m_ray.schema import decode_png
 
         if len(rows) == 0:
-            return cls(np.zeros((0, 0)), np.zeros(0))
+            return cls(torch.zeros((0, 0), dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
         images = np.stack([decode_png(bank.images[r]) for r in rows]).reshape(len(rows), -1).astype(np.float64)
-        return cls(images, (images * images).sum(axis=1))
+        seeds = torch.from_numpy(images)
+        return cls(seeds.T.contiguous(), (seeds * seeds).sum(dim=1))
 
     def nearest(self, pixels: np.ndarray) -> np.ndarray:
         """(b, H, W) uint8 images -> (b,) float32 RMS difference to the nearest seed, in [-1, 1] units.
@@ -692,13 +697,15 @@ class SeedPixels:
         The same measure as `metrics.nearest_rms_pixel_distances` on images in f2m-ray's
         [-1, 1] range (0 for an exact copy); NaN when the category has no seeds.
         """
+        import torch
+
         b = len(pixels)
-        if len(self.images) == 0:
+        if self.seeds_t.numel() == 0:
             return np.full(b, np.nan, dtype=np.float32)
-        x = pixels.reshape(b, -1).astype(np.float64)
-        squared = (x * x).sum(axis=1)[:, None] - 2.0 * (x @ self.images.T) + self.norms[None, :]  # exact integers
-        rms = np.sqrt(np.maximum(squared.min(axis=1), 0.0) / x.shape[1]) / 127.5  # 8-bit -> [-1, 1] units
-        return rms.astype(np.float32)
+        x = torch.from_numpy(pixels.reshape(b, -1).astype(np.float64))
+        squared = (x * x).sum(dim=1)[:, None] - 2.0 * (x @ self.seeds_t) + self.norms[None, :]  # exact integers
+        nearest = squared.min(dim=1).values.clamp(min=0.0).numpy()
+        return (np.sqrt(nearest / x.shape[1]) / 127.5).astype(np.float32)  # 8-bit -> [-1, 1] units
 
 
 GUARD_KEYS = ("candidates", "rejected", "unmet")
