@@ -59,6 +59,8 @@ def write_synthetic(path, images, categories, seed_ids, manifest=True, bank=None
             "run_seed": [0] * n,
             "label_confidence": pa.nulls(n, pa.float32()),
             "nearest_seed_distance": pa.nulls(n, pa.float32()),
+            "attempt": pa.array([0] * n, pa.int32()),
+            "guards_passed": [True] * n,
         },
         schema=SYNTHETIC_SCHEMA,
     )
