@@ -132,6 +132,16 @@ def test_local_reads_back_everywhere(local_run, model):
     assert dataset.count() == 1000 and "image" in dataset.schema().names
 
 
+def test_hugging_face_datasets_reads_the_image_column_as_images(local_run):
+    datasets = pytest.importorskip("datasets")  # not a dependency: runs where it is installed
+    out, _ = local_run
+    files = sorted(str(p) for p in out.rglob("*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert ds.num_rows == 1000 and type(ds.features["image"]).__name__ == "Image"
+    image = ds[0]["image"]
+    assert image.size == (64, 64) and image.mode == "L" and ds[0]["category"] == CATEGORY
+
+
 def test_torch_dataset_gives_images_and_label_ids(local_run):
     out, _ = local_run
     data = SyntheticTorchDataset(str(out))
