@@ -155,8 +155,8 @@ PRESETS: dict[str, Preset] = {
     # the batch, so half the batch gives twice the optimizer steps in the same 20-epoch,
     # CPU-sized budget.
     # D's label term on fakes at 0.1: with the paper's 1.0, D2 learned the shape marks G paints
-    # into its fakes and stayed at chance on real shape within this budget (0.21 after 10 epochs,
-    # against 0.43 with 0.1; README "Training").
+    # into its fakes and stayed at chance on real shape within this budget (0.21 at epoch 10,
+    # against 0.43 at epoch 9 with 0.1; README "Training").
     "small": Preset(
         "small",
         _scaled(16),
