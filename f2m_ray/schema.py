@@ -94,37 +94,20 @@ SYNTHETIC_SCHEMA = pa.schema(
 )
 
 
-def _value(dtype: str) -> dict[str, str]:
-    return {"dtype": dtype, "_type": "Value"}
+def _hf_feature(arrow_type: pa.DataType) -> dict[str, Any]:
+    """The `datasets` feature of one column: the image struct as an Image, lists as Sequence."""
+    if arrow_type == IMAGE_TYPE:
+        return {"_type": "Image"}
+    if pa.types.is_list(arrow_type):
+        # "Sequence" with an explicit length: read by old and new `datasets` alike.
+        return {"feature": _hf_feature(arrow_type.value_type), "length": -1, "_type": "Sequence"}
+    names = {pa.float32(): "float32", pa.float64(): "float64"}  # Arrow prints these "float", "double"
+    return {"dtype": names.get(arrow_type, str(arrow_type)), "_type": "Value"}
 
 
-def _sequence(dtype: str) -> dict[str, Any]:
-    # "Sequence" with an explicit length: read by old and new `datasets` alike.
-    return {"feature": _value(dtype), "length": -1, "_type": "Sequence"}
-
-
-# What `datasets` writes under b"huggingface" (``{"info": {"features": ...}}``).
-HF_FEATURES: dict[str, Any] = {
-    "sample_id": _value("string"),
-    "sample_index": _value("int64"),
-    "image": {"_type": "Image"},
-    "height": _value("int32"),
-    "width": _value("int32"),
-    "margin": _value("string"),
-    "shape": _value("string"),
-    "category": _value("string"),
-    "margin_id": _value("int64"),
-    "shape_id": _value("int64"),
-    "seed_ids": _sequence("string"),
-    "weights": _sequence("float64"),
-    "model_id": _value("string"),
-    "bank_id": _value("string"),
-    "run_seed": _value("int64"),
-    "label_confidence": _value("float32"),
-    "nearest_seed_distance": _value("float32"),
-    "attempt": _value("int32"),
-    "guards_passed": _value("bool"),
-}
+# What `datasets` writes under b"huggingface" (``{"info": {"features": ...}}``), derived from
+# the Arrow schema so that the two cannot drift apart.
+HF_FEATURES: dict[str, Any] = {field.name: _hf_feature(field.type) for field in SYNTHETIC_SCHEMA}
 
 
 def bank_schema(feature_dim: int) -> pa.Schema:
