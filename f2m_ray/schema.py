@@ -18,7 +18,7 @@ Synthetic dataset (``f2m-ray synthesize``), one row per mass:
     run_seed               int64                         the run seed
     label_confidence       float32, nullable             the judge's p(margin | x) * p(shape | x) for the
                                                          target labels (null when run without --judge)
-    nearest_seed_distance  float32, nullable             RMS pixel difference (images in [-1, 1]) to the
+    nearest_seed_distance  float32                       RMS pixel difference (images in [-1, 1]) to the
                                                          nearest seed image of its category; 0 = a copy
     attempt                int32                         which candidate (sub-seed) of sample i was kept;
                                                          0 unless a guard rejected earlier ones

@@ -612,8 +612,7 @@ class ShardSynthesizer:
             gap += np.maximum(0.0, p - candidate["confidence"].astype(np.float64)) / p
         if spec.get("min_seed_distance") is not None:
             d = float(spec["min_seed_distance"])
-            distance = np.nan_to_num(candidate["distance"].astype(np.float64), nan=d)  # no seed to copy: passes
-            gap += np.maximum(0.0, d - distance) / d
+            gap += np.maximum(0.0, d - candidate["distance"].astype(np.float64)) / d
         return gap
 
     def _table(self, category: Category, start: int, stop: int, columns: dict[str, list], guard: dict[str, int]):
@@ -646,7 +645,7 @@ class ShardSynthesizer:
                 pa.array([spec["bank_id"]] * n, pa.string()),
                 pa.array(np.full(n, spec["seed"], dtype=np.int64)),
                 pa.array(confidence, pa.float32(), mask=np.isnan(confidence)),
-                pa.array(distance, pa.float32(), mask=np.isnan(distance)),
+                pa.array(distance, pa.float32()),
                 pa.array(np.asarray(columns["attempt"], dtype=np.int32)),
                 pa.array(np.asarray(columns["passed"], dtype=bool)),
             ],
@@ -685,8 +684,6 @@ class SeedPixels:
 
         from f2m_ray.schema import decode_png
 
-        if len(rows) == 0:
-            return cls(torch.zeros((0, 0), dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
         images = np.stack([decode_png(bank.images[r]) for r in rows]).reshape(len(rows), -1).astype(np.float64)
         seeds = torch.from_numpy(images)
         return cls(seeds.T.contiguous(), (seeds * seeds).sum(dim=1))
@@ -695,13 +692,11 @@ class SeedPixels:
         """(b, H, W) uint8 images -> (b,) float32 RMS difference to the nearest seed, in [-1, 1] units.
 
         The same measure as `metrics.nearest_rms_pixel_distances` on images in f2m-ray's
-        [-1, 1] range (0 for an exact copy); NaN when the category has no seeds.
+        [-1, 1] range (0 for an exact copy). Every pool has 2 or more seeds (`resolve` refuses less).
         """
         import torch
 
         b = len(pixels)
-        if self.seeds_t.numel() == 0:
-            return np.full(b, np.nan, dtype=np.float32)
         x = torch.from_numpy(pixels.reshape(b, -1).astype(np.float64))
         squared = (x * x).sum(dim=1)[:, None] - 2.0 * (x @ self.seeds_t) + self.norms[None, :]  # exact integers
         nearest = squared.min(dim=1).values.clamp(min=0.0).numpy()
