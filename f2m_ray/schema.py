@@ -66,8 +66,8 @@ PNG_COMPRESS_LEVEL = 1  # zlib level: 64x64 masses barely shrink further, level 
 
 IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 
-# Every column is nullable in the Arrow sense (we never write nulls except in label_confidence
-# columns): `datasets` only honours its metadata for fields whose type *and* nullability
+# Every column is nullable in the Arrow sense (only label_confidence ever holds nulls):
+# `datasets` only honours its metadata for fields whose type *and* nullability
 # match what it would write itself, and it writes nullable fields.
 SYNTHETIC_SCHEMA = pa.schema(
     [
