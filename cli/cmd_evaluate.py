@@ -25,6 +25,9 @@ from f2m_ray_cli.main import cli
               help="S: synthetic masses added (capped at the dataset's size).")
 @click.option("--usefulness-steps", "usefulness_steps", type=int, default=1000, show_default=True,
               help="Optimizer steps for each usefulness classifier.")
+@click.option("--usefulness-real-share", "usefulness_real_share", default="0.5", show_default=True,
+              help="Expected share of real masses in the real + synthetic classifier's batches, "
+                   "or 'uniform' to draw from the union as it is (R of R+S).")
 @click.option("--no-usefulness", is_flag=True, help="Skip the usefulness classifiers (the slowest step).")
 @click.option("--judge-epochs", type=int, default=100, show_default=True, help="Epochs for a judge trained here.")
 @click.option("--k", type=int, default=3, show_default=True, help="Neighbourhood of the precision/recall manifolds.")
@@ -32,13 +35,15 @@ from f2m_ray_cli.main import cli
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
 def evaluate_command(synthetic: str, real: str, judge: str | None, out: str, fmt: str, val_fraction: float | None,
                      seed: int | None, usefulness_real: int, usefulness_synthetic: int, usefulness_steps: int,
-                     no_usefulness: bool, judge_epochs: int, k: int, overwrite: bool, dry_run: bool) -> None:
+                     usefulness_real_share: str, no_usefulness: bool, judge_epochs: int, k: int, overwrite: bool,
+                     dry_run: bool) -> None:
     """Score a synthetic dataset against real masses; write OUT/report.json and OUT/report.html."""
     from f2m_ray.evaluate import REPORT_HTML, REPORT_JSON, EvaluateConfig, ProgressPrinter, check_config, evaluate
 
     config = EvaluateConfig(
         val_fraction=val_fraction, seed=seed, usefulness_real=usefulness_real,
-        usefulness_synthetic=usefulness_synthetic, usefulness_steps=usefulness_steps, usefulness=not no_usefulness,
+        usefulness_synthetic=usefulness_synthetic, usefulness_steps=usefulness_steps,
+        usefulness_real_share=_real_share(usefulness_real_share), usefulness=not no_usefulness,
         judge_epochs=judge_epochs, k=k,
     )
     check_config(config)
@@ -55,6 +60,18 @@ def evaluate_command(synthetic: str, real: str, judge: str | None, out: str, fmt
                       echo=lambda line: click.echo(line, err=True))
     click.echo(_summary(report))
     click.echo(f"report: {out.rstrip('/')}/{REPORT_HTML} and {REPORT_JSON}")
+
+
+def _real_share(text: str) -> float | None:
+    """'uniform' -> None; a number -> float (range checked by check_config); else one clear line."""
+    from f2m_ray.errors import F2MError
+
+    if text.strip().lower() == "uniform":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise F2MError(f"--usefulness-real-share must be a number between 0 and 1 or 'uniform', got {text!r}") from None
 
 
 def _summary(report: dict) -> str:

@@ -33,7 +33,9 @@ features unless said otherwise:
                      from all held-out rows); in judge features and in pixels (RMS, [-1, 1] units)
     usefulness       fresh classifiers of the judge's architecture trained for the same number of
                      steps on R seen real, R real + S synthetic, and S synthetic masses, tested on
-                     held-out real (the synthetic dataset's categories); `evaluate` trains the
+                     held-out real (the synthetic dataset's categories); half of each batch of the
+                     mixed one is real in expectation (`usefulness_real_share`), so that 200 real
+                     rows are not 2% of what it sees; `evaluate` trains the
                      three as parallel Ray tasks, `evaluate_arrays` one after another in-process
 """
 
@@ -74,6 +76,9 @@ class EvaluateConfig:
     usefulness_real: int = 200  # R: seen real masses the usefulness classifiers start from
     usefulness_synthetic: int = 10_000  # S: synthetic masses added (capped at what the dataset holds)
     usefulness_steps: int = 1000  # optimizer steps for each usefulness classifier (same for all three)
+    # Expected share of real masses in the batches of the real + synthetic classifier; None draws
+    # uniformly from the union, where 200 real rows next to 10,000 synthetic are 2% of what it sees.
+    usefulness_real_share: float | None = 0.5
     usefulness: bool = True  # train the three usefulness classifiers (the slowest step)
     judge_epochs: int = 100  # epochs for a judge trained here (no --judge)
     k: int = 3  # neighbourhood of the precision/recall manifolds
@@ -297,6 +302,17 @@ class ClassifierJob:
     synthetic_rows: np.ndarray  # positions in the synthetic images
     judge_config: dict[str, Any]  # asdict(JudgeConfig)
     train_config: dict[str, Any]  # asdict(JudgeTrainConfig) with `steps` set
+    real_share: float | None = None  # expected real share of a batch when both parts are non-empty; None: uniform
+
+
+def mixing_weights(n_real: int, n_synthetic: int, real_share: float | None) -> np.ndarray | None:
+    """Per-row sampling weights (real rows first) that give real rows `real_share` of the draws.
+
+    None (uniform over the union) when `real_share` is None or one of the parts is empty.
+    """
+    if real_share is None or n_real == 0 or n_synthetic == 0:
+        return None
+    return np.concatenate([np.full(n_real, real_share / n_real), np.full(n_synthetic, (1.0 - real_share) / n_synthetic)])
 
 
 def train_classifier(job: ClassifierJob, real: tuple[np.ndarray, ...], synthetic: tuple[np.ndarray, ...],
@@ -313,7 +329,8 @@ def train_classifier(job: ClassifierJob, real: tuple[np.ndarray, ...], synthetic
     train_config = build_dataclass(JudgeTrainConfig, job.train_config)
     images, margins, shapes = (np.concatenate([r[job.real_rows], s[job.synthetic_rows]]) for r, s in zip(real, synthetic))
     model = new_judge(judge_config, train_config.seed).to(device)
-    fit(model, images, margins, shapes, train_config, device=device, progress=progress)
+    weights = mixing_weights(len(job.real_rows), len(job.synthetic_rows), job.real_share)
+    fit(model, images, margins, shapes, train_config, device=device, progress=progress, sample_weights=weights)
     prediction = predict(model, test_images)
     return prediction.margin, prediction.shape
 
@@ -379,7 +396,8 @@ def usefulness(
     """Accuracy on held-out real of fresh classifiers trained on R real, R real + S synthetic, S synthetic.
 
     All three train for the same number of steps from the same initialisation, so that the
-    200-row set is not under-trained next to the 10,200-row one.
+    200-row set is not under-trained next to the 10,200-row one. The mixed classifier draws its
+    batches with `config.usefulness_real_share` real rows in expectation (None: uniformly).
     """
     r = min(config.usefulness_real, len(real_seen))
     s = min(config.usefulness_synthetic, len(synthetic.margin))
@@ -388,7 +406,7 @@ def usefulness(
     none = np.zeros(0, dtype=np.int64)
     steps_config = asdict(replace(train_config, steps=config.usefulness_steps, seed=seed))
     jobs = [
-        ClassifierJob(name, real_part, syn_part, asdict(judge_config), steps_config)
+        ClassifierJob(name, real_part, syn_part, asdict(judge_config), steps_config, config.usefulness_real_share)
         for name, real_part, syn_part in (("real", real_rows, none), ("real_plus_synthetic", real_rows, syn_rows),
                                           ("synthetic", none, syn_rows))
     ]
@@ -418,6 +436,7 @@ def usefulness(
         "S": s,
         "steps": config.usefulness_steps,
         "batch_size": train_config.batch_size,
+        "real_share": config.usefulness_real_share,
         "test_rows": int(len(heldout)),
         "classifiers": results,
         "delta_vs_real": deltas,
@@ -666,6 +685,9 @@ def check_config(config: EvaluateConfig) -> None:
                         ("--k", config.k)):
         if value < 1:
             raise F2MError(f"{name} must be a positive integer, got {value}")
+    share = config.usefulness_real_share
+    if share is not None and not 0.0 < share < 1.0:
+        raise F2MError(f"--usefulness-real-share must be between 0 and 1 (or 'uniform'), got {share}")
     if not 0.0 < config.percentile < 100.0:
         raise F2MError(f"the memorization percentile must be between 0 and 100, got {config.percentile}")
 
@@ -760,6 +782,12 @@ def _histogram_svg(title: str, synthetic: np.ndarray, heldout: np.ndarray, thres
     return "\n".join(parts)
 
 
+def _share_text(share: float | None) -> str:
+    if share is None:
+        return "the mixed classifier draws uniformly from real and synthetic rows"
+    return f"the mixed classifier's batches are {share:.0%} real in expectation"
+
+
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
         return "&ndash;"
@@ -833,8 +861,8 @@ def render_html(report: dict[str, Any], figures: dict[str, Any]) -> str:
     useful = report.get("usefulness")
     if useful:
         parts.append(f"<h2>Usefulness</h2><p>Fresh classifiers of the judge's architecture, {useful['steps']} steps "
-                     f"each, tested on {useful['test_rows']} held-out real masses; R = {useful['R']}, S = {useful['S']}."
-                     "</p><table><tr><th>trained on</th><th>rows</th><th>margin</th><th>shape</th><th>mean</th>"
+                     f"each, tested on {useful['test_rows']} held-out real masses; R = {useful['R']}, S = {useful['S']}; "
+                     f"{_share_text(useful.get('real_share'))}.</p><table><tr><th>trained on</th><th>rows</th><th>margin</th><th>shape</th><th>mean</th>"
                      "<th>&Delta; mean vs real</th></tr>")
         for name, result in useful["classifiers"].items():
             delta = useful["delta_vs_real"].get(name, {}).get("mean")

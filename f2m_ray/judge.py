@@ -180,13 +180,15 @@ def fit(
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    sample_weights: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Train `model` (a Judge, or its DDP wrapper) on (N, 64, 64) images with margin and shape ids.
 
     Every rank draws the same global batches from one seeded generator and trains on its
     slice ``batch[rank::world_size]``, so the batch order (and, up to float reduction order,
-    the result) does not depend on the number of workers. Returns the last epoch's mean loss
-    and the number of steps.
+    the result) does not depend on the number of workers. Each epoch is a permutation of the
+    rows, or, with ``sample_weights`` (N,), N rows drawn with replacement in proportion to them.
+    Returns the last epoch's mean loss and the number of steps.
     """
     n = len(images)
     if n < 2 * world_size:  # BatchNorm needs two rows per worker
@@ -197,6 +199,12 @@ def fit(
     images_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None].to(device)  # (N, 1, H, W)
     margins_t = torch.from_numpy(np.asarray(margins, dtype=np.int64)).to(device)
     shapes_t = torch.from_numpy(np.asarray(shapes, dtype=np.int64)).to(device)
+    weights_t = None
+    if sample_weights is not None:
+        weights_t = torch.as_tensor(np.asarray(sample_weights, dtype=np.float64))
+        if weights_t.shape != (n,) or not bool(torch.isfinite(weights_t).all()) or bool((weights_t < 0).any()) \
+                or float(weights_t.sum()) <= 0:
+            raise F2MError(f"sample_weights must be {n} finite non-negative numbers with a positive sum")
     order_generator = torch.Generator().manual_seed(config.seed + 1)
     augment_generator = torch.Generator().manual_seed(config.seed + 2 + rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -206,7 +214,10 @@ def fit(
     if progress:
         progress(0, total_steps, "steps")
     while step < total_steps:
-        permutation = torch.randperm(n, generator=order_generator)
+        if weights_t is None:
+            permutation = torch.randperm(n, generator=order_generator)
+        else:
+            permutation = torch.multinomial(weights_t, n, replacement=True, generator=order_generator)
         losses = []
         for start in range(0, n, config.batch_size):
             if step >= total_steps:

@@ -175,7 +175,7 @@ def test_cli_end_to_end(ray_local, fixtures, tmp_path):
     assert overall["precision_recall"]["rows"] == overall["heldout_real_rows"]
     assert overall["memorization"]["share"] < 0.5  # phantoms of another seed are not copies
     useful = report["usefulness"]
-    assert (useful["R"], useful["S"], useful["steps"]) == (12, 30, 4)
+    assert (useful["R"], useful["S"], useful["steps"], useful["real_share"]) == (12, 30, 4, 0.5)
     rows = {k: v["train_rows"] for k, v in useful["classifiers"].items()}
     assert rows == {"real": 12, "real_plus_synthetic": 42, "synthetic": 30}
     delta = useful["delta_vs_real"]["real_plus_synthetic"]["mean"]
@@ -212,9 +212,28 @@ def test_bad_inputs_one_line(fixtures, tmp_path):
     assert result.stderr.strip().count("\n") == 0
     result = invoke("evaluate", "--synthetic", fixtures["fresh"], "--real", REAL, "--out", out, "--usefulness-steps", "0")
     assert result.exit_code == 1 and "--usefulness-steps must be a positive integer" in result.stderr
-    dry = invoke("evaluate", "--synthetic", fixtures["fresh"], "--real", REAL, "--out", out, "--dry-run", "--k", "5")
+    for share, message in (("1.5", "--usefulness-real-share must be between 0 and 1 (or 'uniform'), got 1.5"),
+                           ("half", "--usefulness-real-share must be a number between 0 and 1 or 'uniform', got 'half'")):
+        result = invoke("evaluate", "--synthetic", fixtures["fresh"], "--real", REAL, "--out", out,
+                        "--usefulness-real-share", share)
+        assert result.exit_code == 1 and message in result.stderr and result.stderr.strip().count("\n") == 0
+    dry = invoke("evaluate", "--synthetic", fixtures["fresh"], "--real", REAL, "--out", out, "--dry-run", "--k", "5",
+                 "--usefulness-real-share", "uniform")
     assert dry.exit_code == 0 and json.loads(dry.stdout)["config"]["k"] == 5
+    assert json.loads(dry.stdout)["config"]["usefulness_real_share"] is None
+    dry = invoke("evaluate", "--synthetic", fixtures["fresh"], "--real", REAL, "--out", out, "--dry-run")
+    assert json.loads(dry.stdout)["config"]["usefulness_real_share"] == 0.5
     assert not (tmp_path / "r").exists()
+
+
+def test_mixing_weights_give_the_real_share():
+    weights = evaluate_module.mixing_weights(200, 10_000, 0.5)
+    assert weights.shape == (10_200,)
+    assert weights[:200].sum() == pytest.approx(0.5) and weights[200:].sum() == pytest.approx(0.5)
+    assert len(set(weights[:200])) == 1 and len(set(weights[200:])) == 1  # uniform within each part
+    assert evaluate_module.mixing_weights(40, 60, 0.25)[:40].sum() == pytest.approx(0.25)
+    assert evaluate_module.mixing_weights(200, 10_000, None) is None  # uniform over the union
+    assert evaluate_module.mixing_weights(0, 60, 0.5) is None and evaluate_module.mixing_weights(40, 0, 0.5) is None
 
 
 def test_progress_printer_lines():

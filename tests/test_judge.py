@@ -100,6 +100,24 @@ def test_fit_counts_steps_and_epochs():
     assert (result["steps"], result["epochs"]) == (8, 2)
 
 
+def test_fit_draws_rows_by_sample_weights():
+    data = easy_set(40, seed=5, val=0)
+    images = data.images.copy()
+    images[20:] = np.nan  # a row drawn from here makes the loss NaN
+    config = JudgeTrainConfig(steps=10, batch_size=8)
+    weights = np.r_[np.ones(20), np.zeros(20)]
+    model = judge_module.new_judge(TINY, 0)
+    result = judge_module.fit(model, images, data.margin, data.shape, config, sample_weights=weights)
+    assert np.isfinite(result["loss"]) and result["steps"] == 10
+    model = judge_module.new_judge(TINY, 0)
+    result = judge_module.fit(model, images, data.margin, data.shape, config)  # a permutation: the NaN rows come
+    assert np.isnan(result["loss"])
+    with pytest.raises(F2MError, match="sample_weights must be 40 finite non-negative numbers"):
+        judge_module.fit(model, images, data.margin, data.shape, config, sample_weights=np.ones(39))
+    with pytest.raises(F2MError, match="with a positive sum"):
+        judge_module.fit(model, images, data.margin, data.shape, config, sample_weights=np.zeros(40))
+
+
 def test_save_load_round_trip_and_refusals(tmp_path):
     data = easy_set(40, seed=4, val=10)
     model, report = judge_module.train_judge(data, TINY, JudgeTrainConfig(steps=2, batch_size=16))
