@@ -63,9 +63,9 @@ def plain_loop(preset, images, margins, shapes, epochs: int, threads: int, devic
     torch.manual_seed(cfg.seed)
     generator, d_margin, d_shape = (net.to(device) for net in build_networks(preset.model))
     optimizer_g, optimizer_d = make_optimizers(generator, d_margin, d_shape, cfg)
-    step = Feature2MassStep(generator, d_margin, d_shape, optimizer_g, optimizer_d, preset.loss,
-                            autocast_bf16=bf16 and device == "cuda")
     rng = torch.Generator().manual_seed(cfg.seed)
+    step = Feature2MassStep(generator, d_margin, d_shape, optimizer_g, optimizer_d, preset.loss,
+                            autocast_bf16=bf16 and device == "cuda", d_augment=cfg.d_augment, augment_generator=rng)
     order_rng = np.random.default_rng(cfg.seed)
     batch = batch or cfg.batch_size
     timings = []

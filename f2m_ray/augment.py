@@ -1,4 +1,5 @@
-"""Training-time augmentation (paper 3.2): random horizontal and vertical flips, random crops.
+"""Training-time augmentation (paper 3.2): random horizontal and vertical flips, random crops;
+and `diff_augment`, the differentiable augmentation of a discriminator's inputs.
 
 One pure function on a batch, vectorised (no Python loop over samples), driven by an
 explicit ``torch.Generator`` so that a worker's augmentation is reproducible from its
@@ -53,3 +54,35 @@ def augment(
     """The paper's augmentation: random crop (as a shift with mirrored borders), then random flips."""
     out = random_crops(images, crop_padding, generator)
     return random_flips(out, generator) if flips else out
+
+
+def random_brightness_contrast(
+    images: torch.Tensor, brightness: float = 0.2, contrast: float = 0.3, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Per image: add U(-brightness, brightness), then scale about the image's mean by U(1 - contrast, 1 + contrast).
+
+    images: (B, C, H, W) -> (B, C, H, W); differentiable in `images`.
+    """
+    batch = images.shape[0]
+    device = generator.device if generator else "cpu"
+    shift = (torch.rand(batch, generator=generator, device=device) * 2 - 1) * brightness
+    scale = 1 + (torch.rand(batch, generator=generator, device=device) * 2 - 1) * contrast
+    shift = shift.to(images.device, images.dtype)[:, None, None, None]
+    scale = scale.to(images.device, images.dtype)[:, None, None, None]
+    out = images + shift
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return (out - mean) * scale + mean
+
+
+DIFF_AUGMENT_SHIFT = 6  # pixels: about 1/10 of the ROI, short of moving a centred mass out of view
+
+
+def diff_augment(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Differentiable augmentation of what a discriminator sees (Zhao et al., NeurIPS 2020).
+
+    A random shift of up to DIFF_AUGMENT_SHIFT pixels (mirrored borders) and a brightness and
+    contrast jitter, drawn afresh for every call. Applied alike to real and fake images, in D's
+    step and in G's, it keeps D from keying on pixel-exact marks that G can paint into its
+    fakes, and G's gradient passes through it. No flips: those are already in the data.
+    """
+    return random_brightness_contrast(random_crops(images, DIFF_AUGMENT_SHIFT, generator), generator=generator)

@@ -46,7 +46,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from f2m_ray.augment import augment
+from f2m_ray.augment import augment, diff_augment
 from f2m_ray.checkpoint import find_checkpoint, load_checkpoint, read_metadata, save_checkpoint
 from f2m_ray.config import LossConfig, Preset, TrainConfig, get_preset, load_config_file
 from f2m_ray.errors import F2MError
@@ -214,11 +214,19 @@ class Feature2MassStep:
         optimizer_d: torch.optim.Optimizer,
         loss: LossConfig,
         autocast_bf16: bool = False,
+        d_augment: bool = False,
+        augment_generator: torch.Generator | None = None,
     ):
         self.generator, self.d_margin, self.d_shape = generator, d_margin, d_shape
         self.optimizer_g, self.optimizer_d = optimizer_g, optimizer_d
         self.loss = loss
         self.autocast_bf16 = autocast_bf16
+        self.d_augment = d_augment  # TrainConfig.d_augment: every image D1/D2 see goes through diff_augment
+        self.augment_generator = augment_generator
+
+    def _seen(self, images: torch.Tensor) -> torch.Tensor:
+        """What a discriminator is shown: the images, or a fresh differentiable augmentation of them."""
+        return diff_augment(images, self.augment_generator) if self.d_augment else images
 
     def _autocast(self):
         if self.autocast_bf16:
@@ -231,10 +239,10 @@ class Feature2MassStep:
             fake = self.generator(images, margins, shapes)  # (B, 1, H, W)
 
             # D: real -> 1, fake -> 0, true labels on both (eq. 3, 4)
-            real_m, real_m_labels = self.d_margin(images)
-            fake_m, fake_m_labels = self.d_margin(fake.detach())
-            real_s, real_s_labels = self.d_shape(images)
-            fake_s, fake_s_labels = self.d_shape(fake.detach())
+            real_m, real_m_labels = self.d_margin(self._seen(images))
+            fake_m, fake_m_labels = self.d_margin(self._seen(fake.detach()))
+            real_s, real_s_labels = self.d_shape(self._seen(images))
+            fake_s, fake_s_labels = self.d_shape(self._seen(fake.detach()))
         fake_weight = self.loss.fake_label_weight
         loss_m = discriminator_loss(
             DiscriminatorOutputs(real_m, real_m_labels, fake_m, fake_m_labels), margins, self.loss.lambda_margin, fake_weight
@@ -252,8 +260,8 @@ class Feature2MassStep:
                 if hasattr(d, "no_sync"):  # DDP: D's gradients from this phase are discarded
                     stack.enter_context(d.no_sync())
             with self._autocast():
-                g_m, g_m_labels = self.d_margin(fake)
-                g_s, g_s_labels = self.d_shape(fake)
+                g_m, g_m_labels = self.d_margin(self._seen(fake))
+                g_s, g_s_labels = self.d_shape(self._seen(fake))
             loss_g = generator_loss(g_m, g_m_labels, g_s, g_s_labels, margins, shapes, images, fake, self.loss)
             self.optimizer_g.zero_grad(set_to_none=True)
             loss_g["total"].backward()
@@ -438,7 +446,9 @@ def _train_worker(config: dict[str, Any]) -> None:
     if optim_state:  # after the move to the device: Adam's state follows its parameters' device
         optimizer_g.load_state_dict(optim_state["generator"])
         optimizer_d.load_state_dict(optim_state["discriminators"])
-    train_step = Feature2MassStep(generator, d_margin, d_shape, optimizer_g, optimizer_d, preset.loss, bf16)
+    augment_rng = torch.Generator()
+    train_step = Feature2MassStep(generator, d_margin, d_shape, optimizer_g, optimizer_d, preset.loss, bf16,
+                                  d_augment=cfg.d_augment, augment_generator=augment_rng)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")  # not split: rank 0 evaluates all of it
@@ -448,7 +458,6 @@ def _train_worker(config: dict[str, Any]) -> None:
         # Epochs after the checkpoint we resume from were logged by an attempt that died: drop them.
         history = [row for row in read_metrics(run_dir) if row.get("epoch", 0) <= start_epoch]
     samples = config["samples"]
-    augment_rng = torch.Generator()
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         augment_rng.manual_seed(_seed_for(cfg.seed, epoch, rank))

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from f2m_ray.augment import augment, random_crops, random_flips
+from f2m_ray.augment import DIFF_AUGMENT_SHIFT, augment, diff_augment, random_brightness_contrast, random_crops, random_flips
 
 
 def _images(batch=64, size=16):
@@ -67,3 +67,35 @@ def test_same_seed_same_augmentation():
     c = augment(images, generator=torch.Generator().manual_seed(12))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_brightness_contrast_is_an_affine_map_per_image_within_bounds():
+    images = _images(batch=32)
+    out = random_brightness_contrast(images, 0.2, 0.3, torch.Generator().manual_seed(2))
+    scales, shifts = [], []
+    for x, y in zip(images.flatten(1), out.flatten(1)):
+        # y = (x + b - mean(x + b)) * c + mean(x + b) = c * x + (1 - c) * mean(x) + b
+        c = ((y - y.mean()) @ (x - x.mean())) / ((x - x.mean()) @ (x - x.mean()))
+        torch.testing.assert_close(y, c * x + (y.mean() - c * x.mean()))
+        scales.append(c.item())
+        shifts.append((y.mean() - x.mean()).item())
+    assert 0.7 <= min(scales) and max(scales) <= 1.3 and max(scales) - min(scales) > 0.2
+    assert -0.2 <= min(shifts) and max(shifts) <= 0.2 and max(shifts) - min(shifts) > 0.1
+
+
+def test_diff_augment_shifts_within_bounds_and_passes_gradients():
+    images = _images(batch=8, size=64).requires_grad_(True)
+    rng = torch.Generator().manual_seed(4)
+    out = diff_augment(images, rng)
+    assert out.shape == images.shape
+    out.sum().backward()  # G's gradient reaches its fakes through the augmentation
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    # Without the colour jitter it is exactly a window of the mirrored image, shifted by <= DIFF_AUGMENT_SHIFT.
+    padded = F.pad(images.detach(), (DIFF_AUGMENT_SHIFT,) * 4, mode="reflect")
+    shifted = random_crops(images.detach(), DIFF_AUGMENT_SHIFT, torch.Generator().manual_seed(4))
+    for i in range(8):
+        assert any(torch.equal(padded[i, :, dy : dy + 64, dx : dx + 64], shifted[i])
+                   for dy in range(2 * DIFF_AUGMENT_SHIFT + 1) for dx in range(2 * DIFF_AUGMENT_SHIFT + 1))
+    again = diff_augment(images.detach(), torch.Generator().manual_seed(4))
+    assert torch.equal(again, out.detach())  # the same generator state, the same augmentation
+    assert not torch.equal(diff_augment(images.detach(), rng), out.detach())  # a fresh draw per call

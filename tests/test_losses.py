@@ -89,3 +89,31 @@ def test_fake_label_weight_scales_only_the_label_term_on_fakes():
     torch.testing.assert_close(tenth["total"], full["adversarial"] + 10 * (full["label_real"] + 0.1 * full["label_fake"]))
     torch.testing.assert_close(none["total"], full["adversarial"] + 10 * full["label_real"])
     assert PRESETS["paper"].loss.fake_label_weight == 1.0 and PRESETS["small"].loss.fake_label_weight == 0.1
+
+
+def test_d_augment_changes_what_d_sees_only_when_set():
+    """Feature2MassStep shows D augmented images iff d_augment; the same generator seed repeats a step."""
+    from f2m_ray.train import Feature2MassStep, make_optimizers
+
+    preset = PRESETS["tiny"]
+    images, margins, shapes = _toy(8)
+
+    def one_step(d_augment: bool, seed: int):
+        torch.manual_seed(0)
+        g, d1, d2 = build_networks(preset.model)
+        seen = []
+        d1.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+        opt_g, opt_d = make_optimizers(g, d1, d2, preset.train)
+        step = Feature2MassStep(g, d1, d2, opt_g, opt_d, preset.loss, d_augment=d_augment,
+                                augment_generator=torch.Generator().manual_seed(seed))
+        return step(images, margins, shapes), seen
+
+    plain, seen_plain = one_step(False, 0)
+    assert torch.equal(seen_plain[0], images)  # D1's first input: the real batch as it is
+    augmented, seen_aug = one_step(True, 0)
+    assert len(seen_aug) == 3 and not torch.equal(seen_aug[0], images)
+    repeat, _ = one_step(True, 0)
+    other, _ = one_step(True, 1)
+    assert all(torch.equal(augmented[k], repeat[k]) for k in augmented)
+    assert augmented["d_margin_loss"] != other["d_margin_loss"]
+    assert PRESETS["paper"].train.d_augment is False
