@@ -34,7 +34,7 @@ from f2m_ray_cli.main import cli
 @click.option("--min-label-confidence", type=float, default=None, metavar="P",
               help="Guard: reject masses the judge gives below P for their target margin and shape (needs --judge).")
 @click.option("--min-seed-distance", type=float, default=None, metavar="D",
-              help="Guard: reject masses within D (RMS pixel difference, images in [-1, 1]) of a seed image.")
+              help="Guard: reject masses within D (RMS pixel difference, images in [-1, 1]) of a real ROI of the seed split.")
 @click.option("--max-attempts", type=int, default=10, show_default=True,
               help="Candidates a mass tries under the guards; if none passes, the closest is kept and flagged.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in --out, keeping its finished files.")

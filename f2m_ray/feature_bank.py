@@ -174,6 +174,12 @@ class FeatureBank:
             keep &= self.split == "train"
         return np.flatnonzero(keep).astype(np.int64)
 
+    def seed_rows(self, seed_split: str = "all") -> np.ndarray:
+        """Row positions of every ROI of the seed split, all categories: (R,) int64."""
+        if seed_split not in SEED_SPLITS:
+            raise F2MError(f"unknown seed split {seed_split!r}; valid: {', '.join(SEED_SPLITS)}")
+        return self.train_rows() if seed_split == "train" else np.arange(len(self.roi_id), dtype=np.int64)
+
     def train_rows(self) -> np.ndarray:
         """Row positions of the training split: (T,) int64."""
         return np.flatnonzero(self.split == "train").astype(np.int64)

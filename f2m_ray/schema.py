@@ -19,7 +19,8 @@ Synthetic dataset (``f2m-ray synthesize``), one row per mass:
     label_confidence       float32, nullable             the judge's p(margin | x) * p(shape | x) for the
                                                          target labels (null when run without --judge)
     nearest_seed_distance  float32                       RMS pixel difference (images in [-1, 1]) to the
-                                                         nearest seed image of its category; 0 = a copy
+                                                         nearest real ROI of the seed split, any
+                                                         category; 0 = a copy
     attempt                int32                         which candidate (sub-seed) of sample i was kept;
                                                          0 unless a guard rejected earlier ones
     guards_passed          bool                          the kept candidate passed every guard set (false

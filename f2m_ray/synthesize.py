@@ -172,7 +172,7 @@ class ResolvedRun:
             lines.append(f"judge       {self.judge_path}  (id {self.judge_id}): scores label_confidence")
         guards = [f"label confidence >= {c.min_label_confidence:g}"] if c.min_label_confidence is not None else []
         if c.min_seed_distance is not None:
-            guards.append(f"RMS pixel distance to the nearest seed >= {c.min_seed_distance:g}")
+            guards.append(f"RMS pixel distance to the nearest real ROI of the seed split >= {c.min_seed_distance:g}")
         if guards:
             lines.append(f"guards      {' and '.join(guards)}; up to {c.max_attempts} candidates per mass")
         for p in self.categories:
@@ -494,11 +494,11 @@ class ShardSynthesizer:
                 raise F2MError(f"the judge {spec['judge']} changed during the run")
             self.judge = loaded.model.to(self.device).eval()
         self.pools: dict[str, np.ndarray] = {}  # category -> bank rows of its seeds, roi_id order
-        self.seed_pixels: dict[str, SeedPixels] = {}  # category -> its seeds' images, for nearest_seed_distance
         for name in spec["categories"]:
-            category = parse_category(name)
-            self.pools[name] = self.bank.pool(category, spec["seed_split"])
-            self.seed_pixels[name] = SeedPixels.of(self.bank, self.pools[name])
+            self.pools[name] = self.bank.pool(parse_category(name), spec["seed_split"])
+        # nearest_seed_distance: to every real ROI of the seed split, of any category (a mass may
+        # come closest to a patient's ROI of another category), as evaluate's memorization measures.
+        self.seed_pixels = SeedPixels.of(self.bank, self.bank.seed_rows(spec["seed_split"]))
         self.metadata_base = {
             "tool_version": __version__,
             "model_id": spec["model_id"],
@@ -589,7 +589,7 @@ class ShardSynthesizer:
             "rows": rows,
             "weights": weights,
             "pixels": pixels[:b],
-            "distance": self.seed_pixels[category.name].nearest(pixels[:b]),
+            "distance": self.seed_pixels.nearest(pixels[:b]),
             "confidence": confidence,
         }
 
@@ -666,7 +666,7 @@ def mix_rows(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SeedPixels:
-    """A category's seed images (8-bit), for the RMS pixel distance to the nearest one.
+    """The seed split's real images (8-bit, every category), for the RMS pixel distance to the nearest one.
 
     Pixels are whole numbers 0..255 held in float64, so every dot product below is an exact
     integer (4096 * 255**2 is far below 2**53) whatever the summation order: the distance, and
@@ -689,10 +689,10 @@ class SeedPixels:
         return cls(seeds.T.contiguous(), (seeds * seeds).sum(dim=1))
 
     def nearest(self, pixels: np.ndarray) -> np.ndarray:
-        """(b, H, W) uint8 images -> (b,) float32 RMS difference to the nearest seed, in [-1, 1] units.
+        """(b, H, W) uint8 images -> (b,) float32 RMS difference to the nearest seed-split ROI, in [-1, 1] units.
 
         The same measure as `metrics.nearest_rms_pixel_distances` on images in f2m-ray's
-        [-1, 1] range (0 for an exact copy). Every pool has 2 or more seeds (`resolve` refuses less).
+        [-1, 1] range (0 for an exact copy). The seed split is never empty (`resolve` refuses that).
         """
         import torch
 

@@ -55,9 +55,10 @@ def plain(model, tmp_path_factory):
 
 
 def seed_images(model) -> np.ndarray:
+    """Every ROI of the bank (the default seed split "all"), whatever its category."""
     bank = load_feature_bank(default_bank_path(model), with_images=True)
-    pool = bank.pool(parse_category(CATEGORY))
-    return np.stack([to_model_range(decode_png(bank.images[r])) for r in pool])  # (P, 64, 64)
+    assert len(bank.pool(parse_category(CATEGORY))) < len(bank.roi_id)  # other categories are in it too
+    return np.stack([to_model_range(decode_png(bank.images[r])) for r in bank.seed_rows("all")])  # (R, 64, 64)
 
 
 def images_of(frame) -> np.ndarray:
@@ -178,8 +179,8 @@ def test_guard_arguments_are_checked(model, judge, tmp_path):
             resolve(config(model, out, **changes))
     described = "\n".join(resolve(config(model, out, judge=judge, min_label_confidence=0.3,
                                           min_seed_distance=0.1, max_attempts=5)).describe())
-    assert "guards      label confidence >= 0.3 and RMS pixel distance to the nearest seed >= 0.1; " \
-           "up to 5 candidates per mass" in described
+    assert "guards      label confidence >= 0.3 and RMS pixel distance to the nearest real ROI of the seed " \
+           "split >= 0.1; up to 5 candidates per mass" in described
     assert not out.exists()
 
 
