@@ -72,6 +72,12 @@ def test_pools_follow_roi_order(bank):
     assert len(loaded.pool(parse_category("spiculated-architectural-distortion"))) == 0
     with pytest.raises(F2MError, match="unknown seed id 'nope'.*has 60 ROIs"):
         loaded.row_of("nope")
+    # The seed split as a whole, every category: what nearest_seed_distance compares against.
+    assert list(loaded.seed_rows("all")) == list(range(60))
+    train = loaded.seed_rows("train")
+    assert list(train) == list(np.flatnonzero(loaded.split == "train")) and 0 < len(train) < 60
+    with pytest.raises(F2MError, match="unknown seed split 'val'; valid: "):
+        loaded.seed_rows("val")
 
 
 def _rewrite_metadata(src, dst, change):
