@@ -167,12 +167,8 @@ class FeatureBank:
 
     def pool(self, category: Category, seed_split: str = "all") -> np.ndarray:
         """Row positions of the category's seeds, in roi_id order: (P,) int64."""
-        if seed_split not in SEED_SPLITS:
-            raise F2MError(f"unknown seed split {seed_split!r}; valid: {', '.join(SEED_SPLITS)}")
-        keep = (self.margin == category.margin_id) & (self.shape == category.shape_id)
-        if seed_split == "train":
-            keep &= self.split == "train"
-        return np.flatnonzero(keep).astype(np.int64)
+        rows = self.seed_rows(seed_split)
+        return rows[(self.margin[rows] == category.margin_id) & (self.shape[rows] == category.shape_id)]
 
     def seed_rows(self, seed_split: str = "all") -> np.ndarray:
         """Row positions of every ROI of the seed split, all categories: (R,) int64."""
