@@ -15,9 +15,9 @@ A large gap between "D reads" and "judge" means G paints marks D1/D2 learned to 
     python benchmarks/label_marks.py --judge runs/judge                       # paper loss vs small's
     python benchmarks/label_marks.py --judge runs/judge --seconds 300 --every 100
 
-Variants: `paper-loss` (small's networks, lambda3 = 10, no D augmentation: the paper's eq. 5 and
-training) and `small` (the preset: lambda3 = 3, diff_augment on D's inputs). Prints a JSON line
-per report and a table of the last one.
+Variants: `paper-loss` (`small` with the paper's lambda3 = 10 and no D augmentation; its
+fake-label weight stays 0.1) and `small` (the preset: lambda3 = 3, diff_augment on D's inputs).
+Prints a JSON line per report and a table of the last one.
 """
 
 from __future__ import annotations

@@ -161,8 +161,9 @@ PRESETS: dict[str, Preset] = {
     # into its fakes and stayed at chance on real shape within this budget (0.21 at epoch 10,
     # against 0.43 at epoch 9 with 0.1; README "Training").
     # D sees every image through diff_augment and G's label weight lambda3 is 3, not 10: with the
-    # paper's setting, G painted marks that D1/D2 read as the target labels (0.98 / 0.94 on G's
-    # reconstructions) and an independent judge did not (0.68 / 0.29); README "Training".
+    # paper's setting, after 80 epochs G painted marks that D1/D2 read as the target labels (0.93 /
+    # 0.89 on G's reconstructions of unseen phantoms) and an independent judge did not (0.58 /
+    # 0.26); README "Training".
     "small": Preset(
         "small",
         _scaled(16),
