@@ -39,7 +39,8 @@ from f2m_ray.networks import build_networks
 from f2m_ray.phantom import generate_phantoms
 from f2m_ray.readers import assign_split, to_model_range
 from f2m_ray.schema import png_bytes, to_uint8
-from f2m_ray.synthesize import SynthesisConfig, mix_rows, synthesize
+from f2m_ray.mixing import mix_rows
+from f2m_ray.synthesize import SynthesisConfig, synthesize
 
 CATEGORY = "spiculated-irregular"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from f2m_ray.mixing import DEFAULT_SCHEME, SCHEMES
 from f2m_ray_cli.main import cli
 
 
@@ -16,10 +17,14 @@ from f2m_ray_cli.main import cli
 @click.option("--model", default=None, metavar="CKPT",
               help="Checkpoint dir or run folder (latest checkpoint) [default: the bank's checkpoint].")
 @click.option("--bank", default=None, help="Feature bank [default: CKPT/feature_bank.parquet].")
-@click.option("--k", "k", type=int, default=20, show_default=True, help="Seeds mixed per mass.")
+@click.option("--mixing", default=DEFAULT_SCHEME, show_default=True, type=click.Choice(list(SCHEMES)),
+              help="How seeds combine: 'paper' = eq. 2 over K=20 (masses near the category mean), "
+                   "'variance-preserving' = same weights around the category centroid scaled by 1/||w||2, "
+                   "'sparse' = eq. 2 over K=3.")
+@click.option("--k", "k", type=int, default=None, help="Seeds mixed per mass [default: the scheme's, 20 or 3].")
 @click.option("--step", type=float, default=0.05, show_default=True, help="Weight grid.")
-@click.option("--alpha", type=float, default=1.0, show_default=True,
-              help="Dirichlet concentration (1 = uniform over grid compositions).")
+@click.option("--alpha", type=float, default=None,
+              help="Dirichlet concentration (1 = uniform over grid compositions) [default: 1].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Run seed.")
 @click.option("--rows-per-file", type=int, default=10_000, show_default=True,
               help="Masses per Parquet file (the unit of work and of --resume).")
@@ -40,14 +45,14 @@ from f2m_ray_cli.main import cli
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in --out, keeping its finished files.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing synthetic dataset in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved run and exit.")
-def synthesize(categories, n, out, model, bank, k, step, alpha, seed, rows_per_file, batch_size, seed_split,
+def synthesize(categories, n, out, model, bank, mixing, k, step, alpha, seed, rows_per_file, batch_size, seed_split,
                workers, judge, min_label_confidence, min_seed_distance, max_attempts, resume, overwrite,
                dry_run) -> None:
     """Mix K same-category bank features per mass, decode, and write N masses per category."""
     from f2m_ray import synthesize as synthesis
 
     config = synthesis.SynthesisConfig(
-        categories=tuple(categories), n=n, out=out, model=model, bank=bank, k=k, step=step, alpha=alpha,
+        categories=tuple(categories), n=n, out=out, model=model, bank=bank, mixing=mixing, k=k, step=step, alpha=alpha,
         seed=seed, rows_per_file=rows_per_file, batch_size=batch_size, seed_split=seed_split,
         workers=workers, resume=resume, overwrite=overwrite, judge=judge,
         min_label_confidence=min_label_confidence, min_seed_distance=min_seed_distance, max_attempts=max_attempts,

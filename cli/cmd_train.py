@@ -29,11 +29,14 @@ from f2m_ray_cli.main import cli
               help="Restarts from the last checkpoint after a lost worker [default: 2].")
 @click.option("--bank/--no-bank", "feature_bank", default=None,
               help="Build the feature bank beside the final checkpoint [default: yes].")
+@click.option("--mix-weight", "mix_weight", type=float, default=None, metavar="W",
+              help="Training for mixes: weight of D's and G's terms on decoded same-category mixes "
+                   "(0 = the paper's eq. 3-5) [default: the preset's].")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
-              help="TOML or YAML file: preset = NAME, [train] and [run] tables; flags win over it.")
+              help="TOML or YAML file: preset = NAME, [train], [loss] and [run] tables; flags win over it.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration and exit (Ray is not started).")
 def train(data, data_format, preset, workers, use_gpu, epochs, batch_size, seed, storage, name,
-          checkpoint_every, keep_checkpoints, sample_every, max_failures, feature_bank, config_file, dry_run) -> None:
+          checkpoint_every, keep_checkpoints, sample_every, max_failures, feature_bank, mix_weight, config_file, dry_run) -> None:
     """Train Feature2Mass on Ray Train: DDP workers, checkpoints into --storage, resumable by --name."""
     from f2m_ray.train import describe_run, resolve_run
 
@@ -45,7 +48,8 @@ def train(data, data_format, preset, workers, use_gpu, epochs, batch_size, seed,
         "data": data, "data_format": data_format, "workers": workers, "use_gpu": use_gpu, "storage": storage,
         "name": name, "max_failures": max_failures, "feature_bank": feature_bank,
     }
-    resolved_preset, options = resolve_run(config_file, preset, train_overrides, run_overrides)
+    resolved_preset, options = resolve_run(config_file, preset, train_overrides, run_overrides,
+                                           {"lambda_mix": mix_weight})
     if dry_run:
         click.echo(describe_run(resolved_preset, options))
         return

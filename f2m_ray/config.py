@@ -70,6 +70,11 @@ class LossConfig:
     # learn labels mostly from real masses, so G must draw real margin and shape cues
     # instead of marks that only D reads.
     fake_label_weight: float = 1.0
+    # Training for mixes (not in the paper; 0 = eq. 3-5 as written). Each step also decodes
+    # variance-preserving mixes of same-category members of the batch (f2m_ray.train
+    # Feature2MassStep): D1/D2 see them as fakes with their category's labels (AMR, Beckham et
+    # al. 2019, with the label terms), and G is trained to make them pass, at this weight.
+    lambda_mix: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,10 @@ class Preset:
     def with_train(self, **changes: Any) -> "Preset":
         """A copy with some TrainConfig fields replaced (unknown names are refused)."""
         return replace(self, train=_build(TrainConfig, {**asdict(self.train), **changes}))
+
+    def with_loss(self, **changes: Any) -> "Preset":
+        """A copy with some LossConfig fields replaced (unknown names are refused)."""
+        return replace(self, loss=_build(LossConfig, {**asdict(self.loss), **changes}))
 
 
 def _build(cls, data: dict[str, Any]):

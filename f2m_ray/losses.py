@@ -58,6 +58,29 @@ def discriminator_loss(
     return {"total": total, "adversarial": adversarial, "label_real": label_real, "label_fake": label_fake}
 
 
+def mix_discriminator_loss(
+    fake_logit: torch.Tensor, fake_labels: torch.Tensor, labels: torch.Tensor, label_weight: float,
+    fake_label_weight: float,
+) -> torch.Tensor:
+    """D's terms on decoded mixes: fake -> 0, and their category's label at the fakes' label weight."""
+    return _bce(fake_logit, 0.0) + label_weight * fake_label_weight * F.cross_entropy(fake_labels.float(), labels)
+
+
+def mix_generator_loss(
+    margin_logit: torch.Tensor,
+    margin_labels_logits: torch.Tensor,
+    shape_logit: torch.Tensor,
+    shape_labels_logits: torch.Tensor,
+    margins: torch.Tensor,
+    shapes: torch.Tensor,
+    cfg: LossConfig,
+) -> dict[str, torch.Tensor]:
+    """G's terms on decoded mixes: pass D1 and D2 as real and show the category's labels (no L1: no target)."""
+    adversarial = _bce(margin_logit, 1.0) + _bce(shape_logit, 1.0)
+    labels = F.cross_entropy(margin_labels_logits.float(), margins) + F.cross_entropy(shape_labels_logits.float(), shapes)
+    return {"total": adversarial + cfg.lambda_generator_labels * labels, "adversarial": adversarial, "labels": labels}
+
+
 def generator_loss(
     margin_logit: torch.Tensor,
     margin_labels_logits: torch.Tensor,

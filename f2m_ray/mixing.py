@@ -1,6 +1,19 @@
-"""Visual-feature processing (paper 2.2, 3.3, 3.4): weights and convex combinations.
+"""Visual-feature processing (paper 2.2, 3.3, 3.4): weights, schemes and combinations.
 
     v = sum_k alpha_k v_k,   alpha_k >= 0,   sum_k alpha_k = 1          (eq. 2)
+
+Mixing schemes (``SCHEMES``; ``synthesize --mixing NAME``) differ in how many seeds a
+sample draws and in how their weights combine them:
+
+- ``paper``: eq. 2 as written, K = 20 seeds, Dirichlet(1) weights on the 0.05 grid. A uniform
+  mix of K features sits near the category mean: its deviation from the mean shrinks by about
+  sqrt(2 / (K + 1)) (0.31 for K = 20), so the masses look alike.
+- ``variance-preserving``: the same seeds and weights, combined as
+  ``c + sum_k w_k (v_k - c) / ||w||_2`` with ``c`` the category centroid (mean feature of the
+  category's seed pool). For independent deviations the mix has the spread of one feature; a
+  one-hot weight returns that seed's feature.
+- ``sparse``: eq. 2 over K = 3 seeds: mixes stay close to the segment/triangle of a few
+  real masses (more spread than ``paper``, less than one feature).
 
 Category synthesis (Fig. 5) draws K seeds of one category and weights "randomly
 initialised in units of 0.05". We draw the weights uniformly over all such
@@ -85,12 +98,65 @@ def plan_sample(
     return Plan(positions[order], weights[order])
 
 
-def mix(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Convex combination (eq. 2): (N, D) features and (N,) or (B, N) weights -> (D,) or (B, D)."""
+def _check_weights(weights: np.ndarray) -> np.ndarray:
     weights = np.asarray(weights, dtype=np.float64)
     if np.any(weights < 0) or not np.allclose(weights.sum(axis=-1), 1.0, atol=1e-9):
         raise F2MError("interpolation weights must be non-negative and sum to 1")
+    return weights
+
+
+def mix(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Convex combination (eq. 2): (N, D) features and (N,) or (B, N) weights -> (D,) or (B, D)."""
+    weights = _check_weights(weights)
     return (weights @ np.asarray(features, dtype=np.float64)).astype(np.float32)
+
+
+def mix_rows(features: np.ndarray, weights: np.ndarray, centroid: np.ndarray | None = None) -> np.ndarray:
+    """Eq. 2 for a batch: (b, K, D) seed features, (b, K) weights -> (b, D) float32.
+
+    With a `centroid` (D,), the variance-preserving mix ``c + sum_k w_k (v_k - c) / ||w||_2``.
+    einsum's own loops (no BLAS): the sum over K runs in a fixed order whatever the batch
+    size or thread count, so a sample's mixed feature is bit-identical in every run.
+    """
+    weights = _check_weights(weights)
+    features = np.asarray(features, dtype=np.float64)
+    if centroid is None:
+        return np.einsum("bk,bkd->bd", weights, features).astype(np.float32)
+    c = np.asarray(centroid, dtype=np.float64)
+    scale = 1.0 / np.sqrt(np.einsum("bk,bk->b", weights, weights))  # 1 / ||w||_2, in [1, sqrt(K)]
+    deviation = np.einsum("bk,bkd->bd", weights, features - c)
+    return (c + deviation * scale[:, None]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How a sample's seeds are drawn and combined (see the module docstring)."""
+
+    name: str
+    k: int  # seeds drawn per sample (default of --k)
+    alpha: float  # Dirichlet concentration of the weights (default of --alpha)
+    variance_preserving: bool  # combine around the category centroid, rescaled by 1/||w||_2
+    summary: str
+
+
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme("paper", 20, 1.0, False, "eq. 2 as written: convex mix of K=20 seeds (paper 3.4)"),
+        Scheme("variance-preserving", 20, 1.0, True,
+               "K=20 seeds, weights as the paper's, deviations from the category centroid scaled by 1/||w||2"),
+        Scheme("sparse", 3, 1.0, False, "convex mix of K=3 seeds"),
+    )
+}
+DEFAULT_SCHEME = "variance-preserving"
+
+
+def scheme(name: str) -> Scheme:
+    """The scheme called `name`; unknown names raise F2MError listing the known ones."""
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise F2MError(f"unknown mixing scheme {name!r}; choose one of {', '.join(SCHEMES)}") from None
 
 
 def line_weights(steps: int) -> np.ndarray:

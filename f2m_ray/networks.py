@@ -103,8 +103,33 @@ class Generator(nn.Module):
         """(B, feature_dim) -> (B, 1, H, W) images in [-1, 1]."""
         return self.decoder(features)
 
-    def forward(self, images: torch.Tensor, margins: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(images, margins, shapes))
+    def forward(self, images: torch.Tensor, margins: torch.Tensor, shapes: torch.Tensor,
+                mix: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """G(I): (B, 1, H, W) reconstructions.
+
+        With ``mix = (weights (M, B), centroids (B, D))`` it also decodes M variance-preserving
+        mixes of this batch's features (``variance_preserving_mix``) in the same decoder pass and
+        returns ``(reconstructions, mixes (M, 1, H, W), features (B, D))``: one forward, so
+        DistributedDataParallel sees every parameter the losses use.
+        """
+        features = self.encode(images, margins, shapes)
+        if mix is None:
+            return self.decode(features)
+        mixed = variance_preserving_mix(features, *mix)
+        decoded = self.decode(torch.cat([features, mixed]))
+        return decoded[: len(features)], decoded[len(features):], features
+
+
+def variance_preserving_mix(features: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Rows ``c + sum_j w_j (v_j - c_j) / ||w||_2`` (f2m_ray.mixing.mix_rows in torch).
+
+    features (B, D); weights (M, B), each row non-negative, summing to 1, nonzero only on
+    members of one category; centroids (B, D), each member's category centroid -> (M, D).
+    """
+    if len(weights) == 0:
+        return features[:0]
+    scale = weights.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return weights @ centroids + (weights @ (features - centroids)) / scale
 
 
 class Discriminator(nn.Module):

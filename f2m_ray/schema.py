@@ -11,8 +11,8 @@ Synthetic dataset (``f2m-ray synthesize``), one row per mass:
     margin, shape          string                        BI-RADS names (f2m_ray.labels)
     category               string                        ``MARGIN-SHAPE``
     margin_id, shape_id    int64                         class ids (f2m_ray.labels.MARGINS/SHAPES)
-    seed_ids               list<string>                  roi ids of the mixed bank features
-    weights                list<float64>                 their weights (step grid, sum 1), same order
+    seed_ids               list<string>                  roi ids of the mixed bank features (weight > 0)
+    weights                list<float64>                 their weights (step grid, > 0, sum 1), same order
     model_id               string                        hash of the generator's weights
     bank_id                string                        hash of the feature bank's ids and features
     run_seed               int64                         the run seed

@@ -1,7 +1,7 @@
 """Category synthesis (paper 3.4, Fig. 5) as a sharded Ray Data job into Parquet.
 
     shards (category, [start, stop))  --Ray Data, actor pool-->  OUT/CATEGORY/part-START-END.parquet
-      per sample i:  plan (K seeds of C, weights on the step grid)  ->  mix  ->  decode  ->  PNG
+      per sample i:  plan (K seeds of C, weights on the step grid)  ->  mix (scheme)  ->  decode  ->  PNG
 
 One Ray Data operator does all the work: each actor loads the generator and the bank
 once, and for each shard it plans, mixes, decodes, encodes PNGs and writes the shard's
@@ -13,8 +13,8 @@ plain single-process loop on a 2-core machine (benchmarks/synthesis_throughput.p
 Determinism: sample i's plan is ``mixing.plan_sample(run_seed, category.id, i, ...)``
 over the category's bank rows sorted by roi_id; decoding runs in eval mode in
 fixed-size batches aligned on absolute sample indices (the last one padded), so
-seed ids, weights and image bytes depend only on (model, bank, category, run seed, i)
-and the decode batch size, never on the number of actors, blocks, retries or resumes.
+seed ids, weights and image bytes depend only on (model, bank, category, mixing scheme,
+run seed, i) and the decode batch size, never on the number of actors, blocks, retries or resumes.
 
 Output safety: files are named by the sample range they hold and appear complete or
 not at all (f2m_ray.schema.write_table), so a retried or resumed shard replaces or
@@ -28,7 +28,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -48,6 +48,7 @@ from f2m_ray.feature_bank import (
     worker_runtime_env,
 )
 from f2m_ray.labels import Category, UnknownLabelError, parse_category
+from f2m_ray.mixing import DEFAULT_SCHEME, mix_rows, scheme
 from f2m_ray.schema import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -77,9 +78,10 @@ class SynthesisConfig:
     out: str  # output folder, local or s3://
     model: str | None = None  # checkpoint (dir or run folder); default: the bank's checkpoint
     bank: str | None = None  # feature bank; default: <checkpoint>/feature_bank.parquet
-    k: int = 20  # seeds mixed per sample (paper 3.4)
+    mixing: str = DEFAULT_SCHEME  # mixing scheme (f2m_ray.mixing.SCHEMES)
+    k: int | None = None  # seeds mixed per sample; default: the scheme's (paper 3.4: 20)
     step: float = 0.05  # weight grid (paper 3.4)
-    alpha: float = 1.0  # Dirichlet concentration; 1 = uniform over grid compositions
+    alpha: float | None = None  # Dirichlet concentration; default: the scheme's (1 = uniform over grid compositions)
     seed: int = 0  # run seed
     rows_per_file: int = 10_000  # samples per Parquet file (the unit of work and of resume)
     batch_size: int = 64  # decode batch (fixed: part of what determines the bytes)
@@ -141,6 +143,7 @@ class ResolvedRun:
             "bank_id": self.bank_id,
             "categories": [p.category.name for p in self.categories],
             "n": c.n,
+            "mixing": c.mixing,
             "k": c.k,
             "step": c.step,
             "alpha": c.alpha,
@@ -165,6 +168,7 @@ class ResolvedRun:
             f"model       {self.checkpoint}  (id {self.model_id}, preset {self.preset.get('name')})",
             f"bank        {self.bank_path}  (id {self.bank_id}, seeds from {c.seed_split} ROIs)",
             f"out         {c.out}",
+            f"mixing      {c.mixing}: {scheme(c.mixing).summary}",
             f"per sample  K={c.k} seeds, weights on a {c.step:g} grid, alpha {c.alpha:g}, run seed {c.seed}",
             f"files       {len(self.shards)} of up to {c.rows_per_file} rows; decode batch {c.batch_size}",
         ]
@@ -199,6 +203,12 @@ class SynthesisSummary:
 
 
 # ---------------------------------------------------------------- validation
+
+
+def with_scheme_defaults(c: SynthesisConfig) -> SynthesisConfig:
+    """The config with K and alpha filled in from its mixing scheme where not given."""
+    s = scheme(c.mixing)
+    return replace(c, k=s.k if c.k is None else c.k, alpha=s.alpha if c.alpha is None else c.alpha)
 
 
 def _check_numbers(c: SynthesisConfig) -> None:
@@ -309,7 +319,7 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
     """Validate a run without starting Ray: paths, model, bank, categories, shards."""
     from f2m_ray.checkpoint import find_checkpoint, read_metadata
 
-    c = config
+    c = config = with_scheme_defaults(config)
     _check_numbers(c)
     for path, what in ((c.out, "output"), (c.model, "model"), (c.bank, "feature bank"), (c.judge, "judge")):
         if path:
@@ -494,8 +504,11 @@ class ShardSynthesizer:
                 raise F2MError(f"the judge {spec['judge']} changed during the run")
             self.judge = loaded.model.to(self.device).eval()
         self.pools: dict[str, np.ndarray] = {}  # category -> bank rows of its seeds, roi_id order
+        self.centroids: dict[str, np.ndarray | None] = {}  # category -> mean seed feature (variance-preserving)
+        variance_preserving = scheme(spec["mixing"]).variance_preserving
         for name in spec["categories"]:
-            self.pools[name] = self.bank.pool(parse_category(name), spec["seed_split"])
+            pool = self.pools[name] = self.bank.pool(parse_category(name), spec["seed_split"])
+            self.centroids[name] = pool_centroid(self.bank.features, pool) if variance_preserving else None
         # nearest_seed_distance: to every real ROI of the seed split, of any category (a mass may
         # come closest to a patient's ROI of another category), as evaluate's memorization measures.
         self.seed_pixels = SeedPixels.of(self.bank, self.bank.seed_rows(spec["seed_split"]))
@@ -553,8 +566,10 @@ class ShardSynthesizer:
             shortfall[pending[better]] = gap[better]
             attempt[pending[better]] = a
         columns["png"].extend(png_bytes(p) for p in best["pixels"])
-        columns["seed_ids"].extend(self.bank.roi_id[best["rows"]].tolist())
-        columns["weights"].extend(best["weights"].tolist())
+        for rows, weights in zip(best["rows"], best["weights"]):  # only the seeds that carry weight
+            carried = weights > 0
+            columns["seed_ids"].append(self.bank.roi_id[rows[carried]].tolist())
+            columns["weights"].append(weights[carried].tolist())
         columns["distance"].extend(best["distance"].tolist())
         columns["confidence"].extend(best["confidence"].tolist())
         columns["attempt"].extend(attempt.tolist())
@@ -578,7 +593,7 @@ class ShardSynthesizer:
         weights = np.stack([p.weights for p in plans])  # (b, K), each row on the grid, sum 1
         # Always a full decode batch (zero-padded): a sample's bytes must not depend on its batch-mates.
         mixed = np.zeros((spec["batch_size"], self.bank.feature_dim), dtype=np.float32)  # (B, D)
-        mixed[:b] = mix_rows(self.bank.features[rows], weights)
+        mixed[:b] = mix_rows(self.bank.features[rows], weights, self.centroids[category.name])
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
             images = self.generator.decode(torch.from_numpy(mixed).to(self.device))  # (B, 1, 64, 64)
         pixels = to_uint8(images.float().cpu().numpy()[:, 0])  # (B, 64, 64) uint8, as stored
@@ -653,15 +668,12 @@ class ShardSynthesizer:
         )
 
 
-def mix_rows(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Eq. 2 for a batch: (b, K, D) seed features, (b, K) weights -> (b, D) float32.
+def pool_centroid(features: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """The category centroid of the variance-preserving mix: mean seed feature, (D,) float64.
 
-    einsum's own loops (no BLAS): the sum over K runs in a fixed order whatever the batch
-    size or thread count, so a sample's mixed feature is bit-identical in every run.
+    A fixed-order float64 sum over the pool (roi_id order), the same in every actor.
     """
-    if np.any(weights < 0) or not np.allclose(weights.sum(axis=1), 1.0, atol=1e-9):
-        raise F2MError("interpolation weights must be non-negative and sum to 1")
-    return np.einsum("bk,bkd->bd", weights, features.astype(np.float64)).astype(np.float32)
+    return np.add.reduce(features[pool].astype(np.float64), axis=0) / len(pool)
 
 
 @dataclass(frozen=True)
@@ -802,6 +814,7 @@ def actor_spec(run: ResolvedRun, actors: ActorPlan) -> dict[str, Any]:
         "categories": [p.category.name for p in run.categories],
         "out": absolute(c.out),  # actors may run in another working directory
         "seed": c.seed,
+        "mixing": c.mixing,
         "k": c.k,
         "step": c.step,
         "alpha": c.alpha,

@@ -51,7 +51,13 @@ from f2m_ray.checkpoint import find_checkpoint, load_checkpoint, read_metadata, 
 from f2m_ray.config import LossConfig, Preset, TrainConfig, get_preset, load_config_file
 from f2m_ray.errors import F2MError
 from f2m_ray.labels import MARGINS, SHAPES, Category
-from f2m_ray.losses import DiscriminatorOutputs, discriminator_loss, generator_loss
+from f2m_ray.losses import (
+    DiscriminatorOutputs,
+    discriminator_loss,
+    generator_loss,
+    mix_discriminator_loss,
+    mix_generator_loss,
+)
 from f2m_ray.networks import build_networks
 from f2m_ray.storage import arrow_filesystem, filesystem, is_remote, join
 from f2m_ray.train_report import (
@@ -113,7 +119,7 @@ class RunOptions:
         return join(self.storage, self.name)
 
 
-_CONFIG_SECTIONS = ("preset", "train", "run")
+_CONFIG_SECTIONS = ("preset", "train", "loss", "run")
 
 
 def resolve_run(
@@ -121,23 +127,29 @@ def resolve_run(
     preset_name: str | None = None,
     train_overrides: dict[str, Any] | None = None,
     run_overrides: dict[str, Any] | None = None,
+    loss_overrides: dict[str, Any] | None = None,
 ) -> tuple[Preset, RunOptions]:
     """Flags over config file over preset defaults -> (Preset, RunOptions).
 
     A config file (TOML, or YAML with PyYAML) holds ``preset = "small"`` and the tables
-    ``[train]`` (TrainConfig fields) and ``[run]`` (RunOptions fields). ``None`` in the
-    overrides means "not given".
+    ``[train]`` (TrainConfig fields), ``[loss]`` (LossConfig fields) and ``[run]`` (RunOptions
+    fields). ``None`` in the overrides means "not given".
     """
     file_data: dict[str, Any] = load_config_file(config_file) if config_file else {}
     unknown = sorted(set(file_data) - set(_CONFIG_SECTIONS))
     if unknown:
         raise F2MError(f"unknown key(s) in {config_file}: {', '.join(unknown)}; known: {', '.join(_CONFIG_SECTIONS)}")
-    for section in ("train", "run"):
+    for section in ("train", "loss", "run"):
         if not isinstance(file_data.get(section, {}), dict):
             raise F2MError(f"[{section}] in {config_file} must be a table of settings")
     preset = get_preset(preset_name or str(file_data.get("preset", "small")))
     train_changes = {**file_data.get("train", {}), **{k: v for k, v in (train_overrides or {}).items() if v is not None}}
     preset = preset.with_train(**train_changes)
+    loss_changes = {**file_data.get("loss", {}), **{k: v for k, v in (loss_overrides or {}).items() if v is not None}}
+    if loss_changes:
+        preset = preset.with_loss(**loss_changes)
+    if preset.loss.lambda_mix < 0:
+        raise F2MError(f"--mix-weight (lambda_mix) must be >= 0, got {preset.loss.lambda_mix}")
     run_values = {**file_data.get("run", {}), **{k: v for k, v in (run_overrides or {}).items() if v is not None}}
     known = {f.name for f in fields(RunOptions)}
     bad = sorted(set(run_values) - known)
@@ -216,6 +228,7 @@ class Feature2MassStep:
         autocast_bf16: bool = False,
         d_augment: bool = False,
         augment_generator: torch.Generator | None = None,
+        mix_generator: torch.Generator | None = None,
     ):
         self.generator, self.d_margin, self.d_shape = generator, d_margin, d_shape
         self.optimizer_g, self.optimizer_d = optimizer_g, optimizer_d
@@ -223,6 +236,47 @@ class Feature2MassStep:
         self.autocast_bf16 = autocast_bf16
         self.d_augment = d_augment  # TrainConfig.d_augment: every image D1/D2 see goes through diff_augment
         self.augment_generator = augment_generator
+        self.mix_generator = mix_generator or torch.Generator()  # CPU: the mixing weights
+        self.centroids: torch.Tensor | None = None  # (categories, D) running mean feature per category
+        self.centroid_seen: torch.Tensor | None = None  # (categories,) bool
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The loss terms __call__ returns, in a fixed order."""
+        return STEP_METRICS + (MIX_METRICS if self.loss.lambda_mix > 0 else ())
+
+    def _mix_plan(self, margins: torch.Tensor, shapes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows (M,), weights (M, B)): a Dirichlet(1) mix of same-category batch members for each
+        member with a partner in the batch and a category centroid already; None when there is none."""
+        categories = margins * len(SHAPES) + shapes
+        if self.centroids is None:
+            return None
+        same = (categories[:, None] == categories[None, :]).cpu()  # (B, B)
+        usable = (same.sum(dim=1) > 1) & self.centroid_seen[categories].cpu()
+        rows = torch.nonzero(usable).squeeze(1)
+        if len(rows) == 0:
+            return None
+        draws = -torch.log(torch.rand(len(rows), len(margins), generator=self.mix_generator).clamp_min(1e-12))
+        draws = draws * same[rows]  # exponentials on the row's category, normalised: Dirichlet(1)
+        weights = draws / draws.sum(dim=1, keepdim=True)
+        return rows.to(margins.device), weights.to(margins.device)
+
+    def _update_centroids(self, features: torch.Tensor, margins: torch.Tensor, shapes: torch.Tensor) -> None:
+        """Running mean feature per category (momentum 0.9) from this batch's detached features."""
+        categories = margins * len(SHAPES) + shapes
+        n = len(MARGINS) * len(SHAPES)
+        v = features.detach().float()
+        if self.centroids is None:
+            self.centroids = torch.zeros(n, v.shape[1], device=v.device)
+            self.centroid_seen = torch.zeros(n, dtype=torch.bool, device=v.device)
+        sums = torch.zeros_like(self.centroids).index_add_(0, categories, v)
+        counts = torch.zeros(n, device=v.device).index_add_(0, categories, torch.ones_like(categories, dtype=v.dtype))
+        present = counts > 0
+        means = sums[present] / counts[present, None]
+        old = self.centroids[present]
+        seen = self.centroid_seen[present, None]
+        self.centroids[present] = torch.where(seen, 0.9 * old + 0.1 * means, means)
+        self.centroid_seen |= present
 
     def _seen(self, images: torch.Tensor) -> torch.Tensor:
         """What a discriminator is shown: the images, or a fresh differentiable augmentation of them."""
@@ -235,8 +289,16 @@ class Feature2MassStep:
 
     def __call__(self, images: torch.Tensor, margins: torch.Tensor, shapes: torch.Tensor) -> dict[str, torch.Tensor]:
         """images (B, 1, H, W) in [-1, 1], margins/shapes (B,) -> detached loss terms."""
+        mixing = self.loss.lambda_mix > 0
+        plan = self._mix_plan(margins, shapes) if mixing else None
         with self._autocast():
-            fake = self.generator(images, margins, shapes)  # (B, 1, H, W)
+            if not mixing:
+                fake = self.generator(images, margins, shapes)  # (B, 1, H, W)
+            else:  # reconstructions, mixes (M, 1, H, W) and the batch's features in one pass
+                weights = plan[1] if plan is not None else torch.zeros(0, len(images), device=images.device)
+                centroids = self.centroids[margins * len(SHAPES) + shapes] if plan is not None else 0.0
+                fake, fake_mix, features = self.generator(images, margins, shapes, mix=(weights, centroids))
+                self._update_centroids(features, margins, shapes)
 
             # D: real -> 1, fake -> 0, true labels on both (eq. 3, 4)
             real_m, real_m_labels = self.d_margin(self._seen(images))
@@ -250,8 +312,18 @@ class Feature2MassStep:
         loss_s = discriminator_loss(
             DiscriminatorOutputs(real_s, real_s_labels, fake_s, fake_s_labels), shapes, self.loss.lambda_shape, fake_weight
         )
+        loss_d = loss_m["total"] + loss_s["total"]
+        if plan is not None:  # decoded mixes are fakes with their category's labels
+            mix_margins, mix_shapes = margins[plan[0]], shapes[plan[0]]
+            with self._autocast():
+                mix_m, mix_m_labels = self.d_margin(self._seen(fake_mix.detach()))
+                mix_s, mix_s_labels = self.d_shape(self._seen(fake_mix.detach()))
+            loss_d = loss_d + self.loss.lambda_mix * (
+                mix_discriminator_loss(mix_m, mix_m_labels, mix_margins, self.loss.lambda_margin, fake_weight)
+                + mix_discriminator_loss(mix_s, mix_s_labels, mix_shapes, self.loss.lambda_shape, fake_weight)
+            )
         self.optimizer_d.zero_grad(set_to_none=True)
-        (loss_m["total"] + loss_s["total"]).backward()
+        loss_d.backward()
         self.optimizer_d.step()
 
         # G: fool D1 and D2 with the true labels, stay close to the input (eq. 5)
@@ -263,9 +335,20 @@ class Feature2MassStep:
                 g_m, g_m_labels = self.d_margin(self._seen(fake))
                 g_s, g_s_labels = self.d_shape(self._seen(fake))
             loss_g = generator_loss(g_m, g_m_labels, g_s, g_s_labels, margins, shapes, images, fake, self.loss)
+            total_g = loss_g["total"]
+            mix_terms = {}
+            if plan is not None:
+                with self._autocast():
+                    gm_m, gm_m_labels = self.d_margin(self._seen(fake_mix))
+                    gm_s, gm_s_labels = self.d_shape(self._seen(fake_mix))
+                mix_terms = mix_generator_loss(gm_m, gm_m_labels, gm_s, gm_s_labels, mix_margins, mix_shapes, self.loss)
+                total_g = total_g + self.loss.lambda_mix * mix_terms["total"]
             self.optimizer_g.zero_grad(set_to_none=True)
-            loss_g["total"].backward()
+            total_g.backward()
         self.optimizer_g.step()
+        mix_terms = {f"g_mix_{k}": v.detach() for k, v in mix_terms.items() if k != "total"}
+        if mixing and not mix_terms:
+            mix_terms = {k: torch.zeros(()) for k in MIX_METRICS}  # no usable pair in this batch
         return {
             "d_margin_loss": loss_m["total"].detach(),
             "d_shape_loss": loss_s["total"].detach(),
@@ -273,10 +356,12 @@ class Feature2MassStep:
             "g_adversarial": loss_g["adversarial"].detach(),
             "g_labels": loss_g["labels"].detach(),
             "l1": loss_g["l1"].detach(),
+            **mix_terms,  # G's terms on decoded mixes, when LossConfig.lambda_mix > 0
         }
 
 
 STEP_METRICS = ("d_margin_loss", "d_shape_loss", "g_loss", "g_adversarial", "g_labels", "l1")
+MIX_METRICS = ("g_mix_adversarial", "g_mix_labels")
 
 
 def make_optimizers(generator, d_margin, d_shape, cfg: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
@@ -448,7 +533,8 @@ def _train_worker(config: dict[str, Any]) -> None:
         optimizer_d.load_state_dict(optim_state["discriminators"])
     augment_rng = torch.Generator()
     train_step = Feature2MassStep(generator, d_margin, d_shape, optimizer_g, optimizer_d, preset.loss, bf16,
-                                  d_augment=cfg.d_augment, augment_generator=augment_rng)
+                                  d_augment=cfg.d_augment, augment_generator=augment_rng,
+                                  mix_generator=torch.Generator().manual_seed(cfg.seed * 1009 + rank))
 
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")  # not split: rank 0 evaluates all of it
@@ -462,7 +548,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         augment_rng.manual_seed(_seed_for(cfg.seed, epoch, rank))
         epoch_start = time.time()
-        sums = torch.zeros(len(STEP_METRICS), dtype=torch.float64, device=device)
+        sums = torch.zeros(len(train_step.metric_names), dtype=torch.float64, device=device)
         batches = 0
         batch_iter = train_shard.iter_torch_batches(
             batch_size=per_worker,
@@ -475,7 +561,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             images, margins, shapes = to_model_batch(batch, device)
             images = augment(images, flips=cfg.flips, crop_padding=cfg.crop_padding, generator=augment_rng)
             losses = train_step(images, margins, shapes)
-            sums += torch.stack([losses[k].double() for k in STEP_METRICS])
+            sums += torch.stack([losses[k].double().to(device) for k in train_step.metric_names])
             batches += 1
             step += 1
         train_seconds = time.time() - epoch_start
@@ -497,7 +583,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             "images": int(counts.item()) * per_worker,
             "train_seconds": train_seconds,
             "images_per_second": int(counts.item()) * per_worker / max(train_seconds, 1e-9),
-            **dict(zip(STEP_METRICS, means)),
+            **dict(zip(train_step.metric_names, means)),
             "world_size": world,
             "threads_per_worker": threads,
             "device": device.type,

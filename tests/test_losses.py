@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from f2m_ray.config import PRESETS
@@ -117,3 +118,54 @@ def test_d_augment_changes_what_d_sees_only_when_set():
     assert all(torch.equal(augmented[k], repeat[k]) for k in augmented)
     assert augmented["d_margin_loss"] != other["d_margin_loss"]
     assert PRESETS["paper"].train.d_augment is False
+
+
+def test_torch_variance_preserving_mix_matches_the_synthesis_mix():
+    from f2m_ray.mixing import mix_rows
+    from f2m_ray.networks import variance_preserving_mix
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    centroid = torch.randn(16, generator=g, dtype=torch.float64)
+    weights = torch.tensor([[0.5, 0.25, 0.25, 0, 0, 0], [0, 0, 0, 0, 1.0, 0]], dtype=torch.float64)
+    got = variance_preserving_mix(features, weights, centroid.expand(6, 16))
+    want = mix_rows(features.numpy()[None].repeat(2, 0), weights.numpy(), centroid.numpy())
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1].numpy(), features[4].numpy())  # one-hot: the member itself
+
+
+def test_mix_training_shows_d_decoded_mixes_of_one_category():
+    """lambda_mix > 0: from the second step on (centroids known) D and G also see mixes, labelled."""
+    from dataclasses import replace
+
+    from f2m_ray.train import MIX_METRICS, STEP_METRICS, Feature2MassStep, make_optimizers
+
+    preset = PRESETS["tiny"]
+    images, _, _ = _toy(8)
+    margins = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3])  # categories with partners: rows 0-4, 6, 7
+    shapes = torch.tensor([1, 1, 1, 2, 2, 0, 4, 4])
+
+    def run(lambda_mix: float):
+        torch.manual_seed(0)
+        g, d1, d2 = build_networks(preset.model)
+        seen = []
+        d1.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+        opt_g, opt_d = make_optimizers(g, d1, d2, preset.train)
+        step = Feature2MassStep(g, d1, d2, opt_g, opt_d, replace(preset.loss, lambda_mix=lambda_mix),
+                                mix_generator=torch.Generator().manual_seed(0))
+        first = step(images, margins, shapes)
+        after_first = [p.detach().clone() for p in g.parameters()]
+        second = step(images, margins, shapes)
+        return step, first, second, after_first, [p.detach().clone() for p in g.parameters()], seen
+
+    plain = run(0.0)
+    mixed = run(1.0)
+    assert plain[0].metric_names == STEP_METRICS and mixed[0].metric_names == STEP_METRICS + MIX_METRICS
+    assert set(plain[2]) == set(STEP_METRICS) and set(mixed[2]) == set(STEP_METRICS + MIX_METRICS)
+    # step 1 has no centroids yet: no mix, the same update as without the option
+    assert all(torch.equal(a, b) for a, b in zip(plain[3], mixed[3]))
+    assert mixed[1]["g_mix_adversarial"] == 0
+    # step 2: D1 sees real 8, fake 8, then the 7 mixes (rows with a partner), in D's and G's phase
+    assert mixed[5][3:] == [8, 8, 7, 8, 7] and plain[5][3:] == [8, 8, 8]
+    assert mixed[2]["g_mix_adversarial"] > 0 and mixed[2]["g_mix_labels"] > 0
+    assert not all(torch.equal(a, b) for a, b in zip(plain[4], mixed[4]))

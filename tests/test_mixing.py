@@ -76,6 +76,49 @@ def test_mix_is_convex_combination():
         mixing.mix(features, [0.5, 0.5, 0.5])
 
 
+def test_variance_preserving_mix_of_one_hot_returns_the_seed():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(3, 5, 16)).astype(np.float32)  # (b, K, D)
+    centroid = rng.normal(size=16)
+    weights = np.zeros((3, 5))
+    weights[0, 2] = weights[1, 0] = weights[2, 4] = 1.0
+    out = mixing.mix_rows(features, weights, centroid)
+    np.testing.assert_array_equal(out, features[[0, 1, 2], [2, 0, 4]])
+    # the convex mix agrees on one-hot weights; they differ otherwise
+    np.testing.assert_array_equal(mixing.mix_rows(features, weights), out)
+    even = np.full((3, 5), 0.2)
+    assert not np.allclose(mixing.mix_rows(features, even, centroid), mixing.mix_rows(features, even))
+
+
+def test_variance_preserving_mix_keeps_the_spread_of_single_features():
+    rng = np.random.default_rng(1)
+    pool = rng.normal(size=(200, 32))  # deviations of unit variance around the origin
+    centroid = pool.mean(axis=0)
+    plans = [mixing.plan_sample(0, 3, i, len(pool)) for i in range(500)]
+    rows = np.stack([pool[p.seed_positions] for p in plans])
+    weights = np.stack([p.weights for p in plans])
+    single = pool.std(axis=0).mean()
+    convex = mixing.mix_rows(rows, weights).std(axis=0).mean()
+    preserving = mixing.mix_rows(rows, weights, centroid).std(axis=0).mean()
+    assert 0.25 < convex / single < 0.4  # about sqrt(2 / (K + 1)) = 0.31 for K = 20
+    assert 0.9 < preserving / single < 1.1
+
+
+@pytest.mark.parametrize("name", list(mixing.SCHEMES))
+def test_every_scheme_plans_weights_on_the_grid(name):
+    s = mixing.scheme(name)
+    for i in range(200):
+        plan = mixing.plan_sample(5, 2, i, 40, s.k, 0.05, s.alpha)
+        assert len(plan.weights) == s.k == len(set(plan.seed_positions.tolist()))
+        assert abs(plan.weights.sum() - 1.0) < 1e-12 and np.all(plan.weights >= 0)
+        np.testing.assert_allclose(plan.weights * 20, np.round(plan.weights * 20), atol=1e-12)
+
+
+def test_unknown_scheme_is_one_clear_error():
+    with pytest.raises(F2MError, match="unknown mixing scheme 'convex'; choose one of paper, variance-preserving, sparse"):
+        mixing.scheme("convex")
+
+
 def test_line_and_barycentric_grids():
     line = mixing.line_weights(10)
     assert line.shape == (10, 2)

@@ -98,11 +98,15 @@ def check_rows(frame: pd.DataFrame, model: str) -> None:
     assert set(frame["margin_id"]) == {4} and set(frame["shape_id"]) == {3}
     pool = load_feature_bank(default_bank_path(model)).pool(parse_category(CATEGORY))
     pool_ids = set(load_feature_bank(default_bank_path(model)).roi_id[pool])
+    lengths = []
     for seeds, weights in zip(frame["seed_ids"], frame["weights"]):
         weights = np.asarray(weights)
-        assert len(seeds) == 20 == len(weights) and len(set(seeds)) == 20 and set(seeds) <= pool_ids
-        assert abs(weights.sum() - 1.0) < 1e-9 and np.all(weights >= 0)
+        # only the seeds that carry weight: at most K = 20, distinct, of the category's pool
+        assert 1 <= len(seeds) == len(weights) <= 20 and len(set(seeds)) == len(seeds) and set(seeds) <= pool_ids
+        assert abs(weights.sum() - 1.0) < 1e-9 and np.all(weights > 0)
         np.testing.assert_allclose(weights * 20, np.round(weights * 20), atol=1e-9)  # the 0.05 grid
+        lengths.append(len(seeds))
+    assert 8 < np.mean(lengths) < 16  # Dirichlet(1) over 20 units in 20 parts: about 10.3 nonzero
     assert frame["label_confidence"].isna().all()
     assert (frame["nearest_seed_distance"] > 0).all()
     assert set(frame["model_id"]) == {load_checkpoint(model).model_id} and set(frame["run_seed"]) == {0}
@@ -118,6 +122,9 @@ def test_local_files_and_manifest(local_run, model):
     assert manifest["model_id"] == load_checkpoint(model).model_id
     assert [f["path"] for f in manifest["files"]] == [f"{CATEGORY}/{n}" for n in names]
     assert manifest["arguments"]["k"] == 20 and manifest["arguments"]["seed"] == 0
+    assert manifest["arguments"]["mixing"] == "variance-preserving" == manifest["fingerprint"]["mixing"]
+    metadata = json.loads(pads.dataset(str(out / CATEGORY / names[0])).schema.metadata[b"f2m_ray"])
+    assert metadata["run"]["mixing"] == "variance-preserving" and metadata["run"]["k"] == 20
 
 
 def test_local_reads_back_everywhere(local_run, model):
@@ -177,6 +184,37 @@ def test_one_and_three_actors_give_identical_rows(model, one_actor, local_run, t
     for column in ("sample_id", "seed_ids", "weights", "image", "nearest_seed_distance"):
         assert one.column(column).to_pylist() == three.column(column).to_pylist(), column
         assert one.column(column).to_pylist()[:1000] == thousand.column(column).to_pylist(), column
+
+
+def _pixel_spread(out) -> float:
+    """Mean per-pixel standard deviation over the dataset's decoded images."""
+    images = np.stack([np.asarray(img, dtype=np.float64) for img, _, _ in SyntheticTorchDataset(str(out))])
+    return float(images.std(axis=0).mean())
+
+
+def test_schemes_share_plans_and_the_variance_preserving_one_keeps_the_spread(model, tmp_path):
+    runs = {}
+    for name in ("paper", "variance-preserving", "sparse"):
+        out = tmp_path / name
+        synthesize(config(model, out, n=200, rows_per_file=200, mixing=name), report=None, use_ray=False)
+        runs[name] = by_index(read_table(str(out)))
+    paper, preserving, sparse = (runs[n] for n in ("paper", "variance-preserving", "sparse"))
+    # the same seeds and weights, combined differently: other images
+    assert paper.column("seed_ids").to_pylist() == preserving.column("seed_ids").to_pylist()
+    assert paper.column("weights").to_pylist() == preserving.column("weights").to_pylist()
+    assert paper.column("image").to_pylist() != preserving.column("image").to_pylist()
+    assert max(len(s) for s in sparse.column("seed_ids").to_pylist()) <= 3
+    spread = {name: _pixel_spread(tmp_path / name) for name in runs}
+    assert spread["variance-preserving"] > 1.3 * spread["paper"], spread
+    assert spread["sparse"] > 1.3 * spread["paper"], spread
+
+
+def test_unknown_mixing_scheme_is_one_line(model, tmp_path):
+    _register()
+    result = CliRunner().invoke(cli, ["synthesize", "--category", CATEGORY, "--n", "10", "--out",
+                                      str(tmp_path / "x"), "--model", model, "--mixing", "convex"])
+    assert result.exit_code == 2 and "'convex' is not one of 'paper', 'variance-preserving', 'sparse'" in result.output
+    assert not (tmp_path / "x").exists()
 
 
 def _free_port() -> int:
