@@ -28,6 +28,14 @@ from f2m_ray_cli.main import cli
 @click.option("--usefulness-real-share", "usefulness_real_share", default="0.5", show_default=True,
               help="Expected share of real masses in the real + synthetic classifier's batches, "
                    "or 'uniform' to draw from the union as it is (R of R+S).")
+@click.option("--usefulness-protocol", "usefulness_protocol", type=click.Choice(["scarce", "classic"]),
+              default="scarce", show_default=True,
+              help="scarce: arms real / real + mixup / real + synthetic on the GAN's R real ROIs, several seeds; "
+                   "classic: R real, R + S, S synthetic, one seed.")
+@click.option("--usefulness-seeds", "usefulness_seeds", type=int, default=3, show_default=True,
+              help="Classifier seeds per arm (scarce protocol): mean and sd.")
+@click.option("--mixup-alpha", "mixup_alpha", type=float, default=0.4, show_default=True,
+              help="Beta(a, a) of the real + mixup arm (scarce protocol).")
 @click.option("--no-usefulness", is_flag=True, help="Skip the usefulness classifiers (the slowest step).")
 @click.option("--judge-epochs", type=int, default=100, show_default=True, help="Epochs for a judge trained here.")
 @click.option("--k", type=int, default=3, show_default=True, help="Neighbourhood of the precision/recall manifolds.")
@@ -35,7 +43,8 @@ from f2m_ray_cli.main import cli
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
 def evaluate_command(synthetic: str, real: str, judge: str | None, out: str, fmt: str, val_fraction: float | None,
                      seed: int | None, usefulness_real: int, usefulness_synthetic: int, usefulness_steps: int,
-                     usefulness_real_share: str, no_usefulness: bool, judge_epochs: int, k: int, overwrite: bool,
+                     usefulness_real_share: str, usefulness_protocol: str, usefulness_seeds: int, mixup_alpha: float,
+                     no_usefulness: bool, judge_epochs: int, k: int, overwrite: bool,
                      dry_run: bool) -> None:
     """Score a synthetic dataset against real masses; write OUT/report.json and OUT/report.html."""
     from f2m_ray.evaluate import REPORT_HTML, REPORT_JSON, EvaluateConfig, ProgressPrinter, check_config, evaluate
@@ -44,7 +53,8 @@ def evaluate_command(synthetic: str, real: str, judge: str | None, out: str, fmt
         val_fraction=val_fraction, seed=seed, usefulness_real=usefulness_real,
         usefulness_synthetic=usefulness_synthetic, usefulness_steps=usefulness_steps,
         usefulness_real_share=_real_share(usefulness_real_share), usefulness=not no_usefulness,
-        judge_epochs=judge_epochs, k=k,
+        judge_epochs=judge_epochs, k=k, usefulness_protocol=usefulness_protocol, usefulness_seeds=usefulness_seeds,
+        mixup_alpha=mixup_alpha,
     )
     check_config(config)
     if dry_run:
@@ -79,6 +89,7 @@ def _summary(report: dict) -> str:
     fidelity = overall["label_fidelity"]
     realism = overall["realism"]
     pr = overall["precision_recall"]
+    dc = overall["density_coverage"]
     memo = overall["memorization"]
 
     def f(value) -> str:
@@ -89,12 +100,19 @@ def _summary(report: dict) -> str:
         f"shape {f(fidelity['synthetic']['shape'])} vs real {f((fidelity['heldout_real'] or {}).get('shape'))}",
         f"realism (FD)    synthetic {f(realism['synthetic_vs_half'])} vs floor {f(realism['floor_half_vs_half'])} "
         f"(all held-out: {f(realism['synthetic_vs_heldout'])})",
-        f"precision {f(pr['precision'])}  recall {f(pr['recall'])}  "
+        f"precision {f(pr['precision'])}  recall {f(pr['recall'])}  density {f(dc['density'])}  "
+        f"coverage {f(dc['coverage'])}  "
         f"diversity {f(overall['diversity']['synthetic'])} vs real {f(overall['diversity']['heldout_real'])}",
         f"memorized       {f(memo['share'])} (features), {f(memo['share_pixels'])} (pixels)",
     ]
     useful = report.get("usefulness")
-    if useful:
+    if useful and useful["protocol"] == "scarce":
+        for arm, result in useful["arms"].items():
+            acc, delta = result["accuracy"]["mean"], result["delta_vs_real"]
+            change = f"  {100 * delta['mean']['mean']:+.1f} +- {100 * delta['mean']['sd']:.1f} points vs real" if delta else ""
+            lines.append(f"usefulness      {arm:<20} {f(acc['mean'])} +- {f(acc['sd'])}{change}  "
+                         f"(R={useful['R']}, {useful['seeds']} seeds)")
+    elif useful:
         acc = {k: v["accuracy"]["mean"] for k, v in useful["classifiers"].items()}
         lines.append(
             f"usefulness      R={useful['R']} real {f(acc['real'])}, +S={useful['S']} synthetic "

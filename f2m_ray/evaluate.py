@@ -27,6 +27,8 @@ features unless said otherwise:
                      (same sizes, same reference: the FD estimate is biased by sample size)
     precision/recall k-NN manifolds (Kynkaanniemi et al. 2019), synthetic subsampled to the
                      size of the held-out real set (the estimate depends on set sizes)
+    density/coverage Naeem et al. 2020 (k = 5) on the same subsamples: how many real k-NN balls a
+                     synthetic mass falls in, and the share of real balls that hold one
     diversity        mean pairwise distance within synthetic and within held-out real
     memorization     each synthetic mass's distance to the nearest seen real mass; the share at or
                      below the 1st percentile of held-out-real-to-seen distances (one threshold,
@@ -58,6 +60,7 @@ from f2m_ray import metrics
 from f2m_ray.errors import F2MError
 from f2m_ray.labels import MARGINS, SHAPES
 from f2m_ray.storage import filesystem, join
+from f2m_ray.usefulness import USEFULNESS_LABELS, Runner, run_in_process, run_on_ray, scarce_usefulness, usefulness
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -65,6 +68,8 @@ REPORT_FORMAT = "f2m-ray-evaluation"
 REPORT_VERSION = 1
 SYNTHETIC_COLUMNS = ["image", "height", "width", "margin_id", "shape_id", "category", "seed_ids"]
 OVERALL = "overall"
+DENSITY_COVERAGE_K = 5  # Naeem et al. 2020's neighbourhood
+USEFULNESS_PROTOCOLS = ("scarce", "classic")
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,10 @@ class EvaluateConfig:
     # Expected share of real masses in the batches of the real + synthetic classifier; None draws
     # uniformly from the union, where 200 real rows next to 10,000 synthetic are 2% of what it sees.
     usefulness_real_share: float | None = 0.5
-    usefulness: bool = True  # train the three usefulness classifiers (the slowest step)
+    usefulness: bool = True  # train the usefulness classifiers (the slowest step)
+    usefulness_protocol: str = "scarce"  # "scarce" (f2m_ray.usefulness) or "classic" (R real / R + S / S)
+    usefulness_seeds: int = 3  # scarce: classifier seeds per arm (mean and sd)
+    mixup_alpha: float = 0.4  # scarce: Beta(a, a) of the real + mixup arm
     judge_epochs: int = 100  # epochs for a judge trained here (no --judge)
     k: int = 3  # neighbourhood of the precision/recall manifolds
     percentile: float = 1.0  # memorization threshold: this percentile of held-out-to-seen distances
@@ -268,6 +276,14 @@ def group_metrics(
         out["precision_recall"] = {"precision": pr.precision, "recall": pr.recall, "k": pr.k, "rows": rows}
     else:
         out["precision_recall"] = {"precision": None, "recall": None, "k": None, "rows": 0}
+    dc_k = min(DENSITY_COVERAGE_K, min(n_real, n_syn) - 1)
+    if dc_k >= 1:  # Naeem et al. 2020 on the same equal-size subsamples as precision/recall
+        rows = min(n_real, n_syn)
+        dc = metrics.density_coverage(real_features[metrics.subsample_indices(n_real, rows, seed)],
+                                      syn_features[metrics.subsample_indices(n_syn, rows, seed + 1)], k=dc_k)
+        out["density_coverage"] = {"density": dc.density, "coverage": dc.coverage, "k": dc.k, "rows": rows}
+    else:
+        out["density_coverage"] = {"density": None, "coverage": None, "k": None, "rows": 0}
     out["diversity"] = {
         "synthetic": metrics.diversity(syn_features, config.diversity_samples, seed) if n_syn >= 2 else None,
         "heldout_real": metrics.diversity(real_features, config.diversity_samples, seed) if n_real >= 2 else None,
@@ -284,163 +300,6 @@ def group_metrics(
         "median_distance_pixels": float(np.median(syn_to_seen_pixels)) if n_syn else None,
     }
     return out
-
-
-# ---------------------------------------------------------------- usefulness
-
-
-USEFULNESS_SETS = ("real", "real_plus_synthetic", "synthetic")
-USEFULNESS_LABELS = {"real": "real", "real_plus_synthetic": "real + synthetic", "synthetic": "synthetic"}
-
-
-@dataclass(frozen=True)
-class ClassifierJob:
-    """One usefulness classifier: which rows it trains on (plain data, so it can travel to a Ray task)."""
-
-    name: str  # one of USEFULNESS_SETS
-    real_rows: np.ndarray  # positions in the seen-real images
-    synthetic_rows: np.ndarray  # positions in the synthetic images
-    judge_config: dict[str, Any]  # asdict(JudgeConfig)
-    train_config: dict[str, Any]  # asdict(JudgeTrainConfig) with `steps` set
-    real_share: float | None = None  # expected real share of a batch when both parts are non-empty; None: uniform
-
-
-def mixing_weights(n_real: int, n_synthetic: int, real_share: float | None) -> np.ndarray | None:
-    """Per-row sampling weights (real rows first) that give real rows `real_share` of the draws.
-
-    None (uniform over the union) when `real_share` is None or one of the parts is empty.
-    """
-    if real_share is None or n_real == 0 or n_synthetic == 0:
-        return None
-    return np.concatenate([np.full(n_real, real_share / n_real), np.full(n_synthetic, (1.0 - real_share) / n_synthetic)])
-
-
-def train_classifier(job: ClassifierJob, real: tuple[np.ndarray, ...], synthetic: tuple[np.ndarray, ...],
-                     test_images: np.ndarray, device: str = "cpu",
-                     progress: Callable[[int, int, str], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Train a fresh judge-architecture classifier on the job's rows; its (margin, shape) predictions on the test images.
-
-    `real` and `synthetic` are (images, margins, shapes) arrays.
-    """
-    from f2m_ray.config import _build as build_dataclass
-    from f2m_ray.judge import JudgeConfig, JudgeTrainConfig, fit, new_judge, predict
-
-    judge_config = build_dataclass(JudgeConfig, job.judge_config)
-    train_config = build_dataclass(JudgeTrainConfig, job.train_config)
-    images, margins, shapes = (np.concatenate([r[job.real_rows], s[job.synthetic_rows]]) for r, s in zip(real, synthetic))
-    model = new_judge(judge_config, train_config.seed).to(device)
-    weights = mixing_weights(len(job.real_rows), len(job.synthetic_rows), job.real_share)
-    fit(model, images, margins, shapes, train_config, device=device, progress=progress, sample_weights=weights)
-    prediction = predict(model, test_images)
-    return prediction.margin, prediction.shape
-
-
-def run_in_process(jobs: list[ClassifierJob], real, synthetic, test_images, device: str,
-                   progress: Progress | None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The classifiers one after another in this process, with a progress line per classifier."""
-    out = []
-    for job in jobs:
-        rows = len(job.real_rows) + len(job.synthetic_rows)
-        stage = f"usefulness: {USEFULNESS_LABELS[job.name]} ({rows})"
-        out.append(train_classifier(job, real, synthetic, test_images, device,
-                                    (lambda d, t, _w, stage=stage: progress(stage, d, t)) if progress else None))
-    return out
-
-
-def _classifier_task(job, real, synthetic, test_images, device):
-    import torch
-
-    if device == "cpu":
-        # One thread per task: tasks run side by side, and small convolutions gain little from
-        # more threads (and lose much when the cores are shared).
-        torch.set_num_threads(1)
-    return train_classifier(job, real, synthetic, test_images, device)
-
-
-def run_on_ray(jobs: list[ClassifierJob], real, synthetic, test_images, device: str,
-               progress: Progress | None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The classifiers as parallel Ray tasks (one GPU each where the cluster has GPUs); arrays go to the object store once."""
-    import ray
-
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=0)(_classifier_task)
-    real_ref, synthetic_ref, test_ref = ray.put(real), ray.put(synthetic), ray.put(test_images)
-    refs = [task.remote(job, real_ref, synthetic_ref, test_ref, "cuda" if use_gpu else "cpu") for job in jobs]
-    stage = f"usefulness: {len(jobs)} classifiers as Ray tasks"
-    if progress:
-        progress(stage, 0, len(refs))
-    pending, done = list(refs), 0
-    while pending:
-        finished, pending = ray.wait(pending, num_returns=1)
-        done += len(finished)
-        if progress:
-            progress(stage, done, len(refs))
-    return ray.get(refs)
-
-
-Runner = Callable[..., list]
-
-
-def usefulness(
-    judge_config,
-    train_config,
-    real_seen,  # LabeledArrays of seen real rows (the synthetic categories)
-    heldout,  # LabeledArrays of held-out real rows (the synthetic categories)
-    synthetic: SyntheticArrays,
-    config: EvaluateConfig,
-    seed: int,
-    progress: Progress | None = None,
-    device: str = "cpu",
-    runner: Runner = run_in_process,
-) -> dict[str, Any]:
-    """Accuracy on held-out real of fresh classifiers trained on R real, R real + S synthetic, S synthetic.
-
-    All three train for the same number of steps from the same initialisation, so that the
-    200-row set is not under-trained next to the 10,200-row one. The mixed classifier draws its
-    batches with `config.usefulness_real_share` real rows in expectation (None: uniformly).
-    """
-    r = min(config.usefulness_real, len(real_seen))
-    s = min(config.usefulness_synthetic, len(synthetic.margin))
-    real_rows = metrics.subsample_indices(len(real_seen), r, seed)
-    syn_rows = metrics.subsample_indices(len(synthetic.margin), s, seed + 2)
-    none = np.zeros(0, dtype=np.int64)
-    steps_config = asdict(replace(train_config, steps=config.usefulness_steps, seed=seed))
-    jobs = [
-        ClassifierJob(name, real_part, syn_part, asdict(judge_config), steps_config, config.usefulness_real_share)
-        for name, real_part, syn_part in (("real", real_rows, none), ("real_plus_synthetic", real_rows, syn_rows),
-                                          ("synthetic", none, syn_rows))
-    ]
-    predictions = runner(jobs, (real_seen.images, real_seen.margin, real_seen.shape),
-                         (synthetic.images, synthetic.margin, synthetic.shape), heldout.images, device, progress)
-    categories = sorted(set(synthetic.category.tolist()))
-    heldout_category = np.array([f"{MARGINS[m]}-{SHAPES[s_]}" for m, s_ in zip(heldout.margin, heldout.shape)])
-    results: dict[str, Any] = {}
-    for job, (margin_pred, shape_pred) in zip(jobs, predictions):
-        per_category = {}
-        for category in categories:
-            rows = heldout_category == category
-            per_category[category] = metrics.head_accuracies(margin_pred[rows], shape_pred[rows],
-                                                             heldout.margin[rows], heldout.shape[rows])
-        results[job.name] = {
-            "train_rows": int(len(job.real_rows) + len(job.synthetic_rows)),
-            "accuracy": metrics.head_accuracies(margin_pred, shape_pred, heldout.margin, heldout.shape),
-            "categories": per_category,
-        }
-    base = results["real"]["accuracy"]
-    deltas = {
-        other: {h: results[other]["accuracy"][h] - base[h] for h in ("margin", "shape", "mean")}
-        for other in ("real_plus_synthetic", "synthetic")
-    }
-    return {
-        "R": r,
-        "S": s,
-        "steps": config.usefulness_steps,
-        "batch_size": train_config.batch_size,
-        "real_share": config.usefulness_real_share,
-        "test_rows": int(len(heldout)),
-        "classifiers": results,
-        "delta_vs_real": deltas,
-    }
 
 
 # ---------------------------------------------------------------- the whole evaluation
@@ -635,8 +494,15 @@ def evaluate_arrays(
         if len(heldout) == 0 or len(seen_in_scope) == 0:
             notes.append("usefulness skipped: no seen or no held-out real masses of the synthetic categories")
         else:
-            useful = usefulness(judge_config, judge_train_config, seen_in_scope, heldout, synthetic, config,
-                                config.seed, progress, device, runner)
+            if config.usefulness_protocol == "scarce":
+                useful = scarce_usefulness(
+                    judge_config, judge_train_config, seen_in_scope, heldout, {"synthetic": synthetic},
+                    real=config.usefulness_real, synthetic=config.usefulness_synthetic, steps=config.usefulness_steps,
+                    seeds=config.usefulness_seeds, real_share=config.usefulness_real_share,
+                    mixup_alpha=config.mixup_alpha, seed=config.seed, progress=progress, device=device, runner=runner)
+            else:
+                useful = usefulness(judge_config, judge_train_config, seen_in_scope, heldout, synthetic, config,
+                                    config.seed, progress, device, runner)
 
     report = {
         "format": REPORT_FORMAT,
@@ -682,9 +548,14 @@ def check_config(config: EvaluateConfig) -> None:
         raise F2MError(f"--seed must be >= 0, got {config.seed}")
     for name, value in (("--usefulness-real", config.usefulness_real), ("--usefulness-synthetic", config.usefulness_synthetic),
                         ("--usefulness-steps", config.usefulness_steps), ("--judge-epochs", config.judge_epochs),
-                        ("--k", config.k)):
+                        ("--k", config.k), ("--usefulness-seeds", config.usefulness_seeds)):
         if value < 1:
             raise F2MError(f"{name} must be a positive integer, got {value}")
+    if config.usefulness_protocol not in USEFULNESS_PROTOCOLS:
+        raise F2MError(f"unknown usefulness protocol {config.usefulness_protocol!r}; "
+                       f"choose one of {', '.join(USEFULNESS_PROTOCOLS)}")
+    if not (math.isfinite(config.mixup_alpha) and config.mixup_alpha > 0):
+        raise F2MError(f"--mixup-alpha must be a positive number (Beta(a, a) of the mixup arm), got {config.mixup_alpha}")
     share = config.usefulness_real_share
     if share is not None and not 0.0 < share < 1.0:
         raise F2MError(f"--usefulness-real-share must be between 0 and 1 (or 'uniform'), got {share}")
@@ -810,11 +681,35 @@ SUMMARY_ROWS: list[tuple[str, tuple[str, ...]]] = [
     ("FD floor: real half A vs half B", ("realism", "floor_half_vs_half")),
     ("precision", ("precision_recall", "precision")),
     ("recall", ("precision_recall", "recall")),
+    ("density (k = 5)", ("density_coverage", "density")),
+    ("coverage (k = 5)", ("density_coverage", "coverage")),
     ("diversity: synthetic", ("diversity", "synthetic")),
     ("diversity: held-out real", ("diversity", "heldout_real")),
     ("memorized share (features)", ("memorization", "share")),
     ("memorized share (pixels)", ("memorization", "share_pixels")),
 ]
+
+
+def _scarce_html(useful: dict[str, Any]) -> list[str]:
+    """The scarce-data usefulness table: mean +- sd over the classifier seeds, delta to real."""
+    def pm(stat: dict[str, Any] | None, scale: float = 1.0) -> str:
+        if not stat:
+            return ""
+        return f"{scale * stat['mean']:.3g} &plusmn; {scale * stat['sd']:.2g}"
+
+    parts = [f"<h2>Usefulness (scarce real data)</h2><p>Every arm sees the same R = {useful['R']} real ROIs "
+             f"(the GAN's training set) with flips and crops, {useful['steps']} steps, {useful['seeds']} classifier "
+             f"seeds (mean &plusmn; sd); tested on {useful['test_rows']} held-out real ROIs of "
+             f"{useful['test_categories']} categories; mixup Beta({useful['mixup_alpha']:g}, {useful['mixup_alpha']:g}); "
+             f"S = {useful['S']} synthetic, {_share_text(useful.get('real_share'))}.</p>",
+             "<table><tr><th>arm</th><th>margin</th><th>shape</th><th>mean</th><th>&Delta; mean vs real (points)</th></tr>"]
+    for arm, result in useful["arms"].items():
+        label = USEFULNESS_LABELS.get(arm.split(":")[0], arm) + (f" [{arm.split(':', 1)[1]}]" if ":" in arm else "")
+        acc = result["accuracy"]
+        parts.append(f"<tr><th>{html.escape(label)}</th><td>{pm(acc['margin'])}</td><td>{pm(acc['shape'])}</td>"
+                     f"<td>{pm(acc['mean'])}</td><td>{pm((result['delta_vs_real'] or {}).get('mean'), 100)}</td></tr>")
+    parts.append("</table>")
+    return parts
 
 
 def _dig(data: dict, path: tuple[str, ...]):
@@ -859,7 +754,9 @@ def render_html(report: dict[str, Any], figures: dict[str, Any]) -> str:
               f"(thresholds {report['memorization_threshold']['features']:.4g} in features, "
               f"{report['memorization_threshold']['pixels']:.4g} in pixels).</p>"]
     useful = report.get("usefulness")
-    if useful:
+    if useful and useful.get("protocol") == "scarce":
+        parts += _scarce_html(useful)
+    elif useful:
         parts.append(f"<h2>Usefulness</h2><p>Fresh classifiers of the judge's architecture, {useful['steps']} steps "
                      f"each, tested on {useful['test_rows']} held-out real masses; R = {useful['R']}, S = {useful['S']}; "
                      f"{_share_text(useful.get('real_share'))}.</p><table><tr><th>trained on</th><th>rows</th><th>margin</th><th>shape</th><th>mean</th>"

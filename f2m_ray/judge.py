@@ -89,6 +89,9 @@ class JudgeTrainConfig:
     crop_padding: int = 4  # random shifts up to this many pixels (reflect padding)
     val_fraction: float = 0.1  # held-out share of patients (same split rule as `train`)
     seed: int = 0  # seeds the split, the initialisation, batch order and augmentation
+    # > 0: pixel-space mixup (Zhang et al. 2018) after the flips and crops, lambda ~ Beta(a, a) per
+    # batch; a baseline arm of evaluate's usefulness, not used for the judge itself
+    mixup_alpha: float = 0.0
 
 
 class Judge(nn.Module):
@@ -206,6 +209,7 @@ def fit(
                 or float(weights_t.sum()) <= 0:
             raise F2MError(f"sample_weights must be {n} finite non-negative numbers with a positive sum")
     order_generator = torch.Generator().manual_seed(config.seed + 1)
+    mixup_rng = np.random.default_rng(config.seed + 3)
     augment_generator = torch.Generator().manual_seed(config.seed + 2 + rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
@@ -227,9 +231,16 @@ def fit(
                 continue
             rows = batch[rank::world_size].to(device)
             x = augment(images_t[rows], config.flips, config.crop_padding, augment_generator)  # (b, 1, H, W)
+            if config.mixup_alpha > 0:
+                lam = float(mixup_rng.beta(config.mixup_alpha, config.mixup_alpha))
+                partner = torch.from_numpy(mixup_rng.permutation(len(rows))).to(device)
+                x = lam * x + (1.0 - lam) * x[partner]
             margin_logits, shape_logits = model(x)
             # Both heads weigh the same: the metrics report them side by side.
             loss = F.cross_entropy(margin_logits, margins_t[rows]) + F.cross_entropy(shape_logits, shapes_t[rows])
+            if config.mixup_alpha > 0:  # the labels mixed as the pixels: lam * CE(y) + (1 - lam) * CE(y_partner)
+                loss = lam * loss + (1.0 - lam) * (F.cross_entropy(margin_logits, margins_t[rows][partner])
+                                                   + F.cross_entropy(shape_logits, shapes_t[rows][partner]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from f2m_ray import evaluate as evaluate_module
 from f2m_ray import judge as judge_module
+from f2m_ray import usefulness as usefulness_module
 from f2m_ray.errors import F2MError
 from f2m_ray.feature_bank import write_feature_bank
 from f2m_ray.labels import parse_category
@@ -156,7 +157,7 @@ def test_cli_end_to_end(ray_local, fixtures, tmp_path):
     out = tmp_path / "report"
     result = invoke("evaluate", "--synthetic", fixtures["fresh"], "--real", REAL, "--judge", fixtures["judge"],
                     "--out", str(out), "--usefulness-steps", "4", "--usefulness-real", "12",
-                    "--usefulness-synthetic", "30")
+                    "--usefulness-synthetic", "30", "--usefulness-protocol", "classic")
     assert result.exit_code == 0, result.output
     assert "label fidelity" in result.stdout and "usefulness" in result.stdout
     assert "usefulness: 3 classifiers as Ray tasks: 3/3" in result.stderr  # progress lines name each step
@@ -167,7 +168,10 @@ def test_cli_end_to_end(ray_local, fixtures, tmp_path):
     assert set(report["groups"]) == {"overall", "ill-defined-round", "spiculated-irregular", "circumscribed-oval"}
     overall = report["groups"]["overall"]
     assert set(overall) == {"synthetic_rows", "heldout_real_rows", "label_fidelity", "realism", "precision_recall",
-                            "diversity", "memorization"}
+                            "density_coverage", "diversity", "memorization"}
+    dc = overall["density_coverage"]
+    assert dc["rows"] == overall["heldout_real_rows"] and dc["k"] == min(5, dc["rows"] - 1) and 0.0 < dc["coverage"] <= 1.0
+    assert dc["density"] > 0.0 and "coverage (k = 5)" in (out / "report.html").read_text()
     assert overall["synthetic_rows"] == sum(report["groups"][c]["synthetic_rows"] for c in report["inputs"]["categories"])
     assert overall["heldout_real_rows"] == report["inputs"]["heldout_real_rows_in_categories"]
     assert 0.0 <= overall["label_fidelity"]["synthetic"]["margin"] <= 1.0
@@ -212,6 +216,13 @@ def test_bad_inputs_one_line(fixtures, tmp_path):
     assert result.stderr.strip().count("\n") == 0
     result = invoke("evaluate", "--synthetic", fixtures["fresh"], "--real", REAL, "--out", out, "--usefulness-steps", "0")
     assert result.exit_code == 1 and "--usefulness-steps must be a positive integer" in result.stderr
+    for option, value, message in (("--usefulness-seeds", "0", "--usefulness-seeds must be a positive integer, got 0"),
+                                   ("--mixup-alpha", "0", "--mixup-alpha must be a positive number"),
+                                   ("--mixup-alpha", "nan", "--mixup-alpha must be a positive number"),
+                                   ("--usefulness-protocol", "fair", "'fair' is not one of 'scarce', 'classic'")):
+        result = invoke("evaluate", "--synthetic", fixtures["fresh"], "--real", REAL, "--out", out, option, value)
+        assert result.exit_code in (1, 2) and message in result.output, (option, value, result.output)
+        assert "Traceback" not in result.output
     for share, message in (("1.5", "--usefulness-real-share must be between 0 and 1 (or 'uniform'), got 1.5"),
                            ("half", "--usefulness-real-share must be a number between 0 and 1 or 'uniform', got 'half'")):
         result = invoke("evaluate", "--synthetic", fixtures["fresh"], "--real", REAL, "--out", out,
@@ -227,13 +238,13 @@ def test_bad_inputs_one_line(fixtures, tmp_path):
 
 
 def test_mixing_weights_give_the_real_share():
-    weights = evaluate_module.mixing_weights(200, 10_000, 0.5)
+    weights = usefulness_module.mixing_weights(200, 10_000, 0.5)
     assert weights.shape == (10_200,)
     assert weights[:200].sum() == pytest.approx(0.5) and weights[200:].sum() == pytest.approx(0.5)
     assert len(set(weights[:200])) == 1 and len(set(weights[200:])) == 1  # uniform within each part
-    assert evaluate_module.mixing_weights(40, 60, 0.25)[:40].sum() == pytest.approx(0.25)
-    assert evaluate_module.mixing_weights(200, 10_000, None) is None  # uniform over the union
-    assert evaluate_module.mixing_weights(0, 60, 0.5) is None and evaluate_module.mixing_weights(40, 0, 0.5) is None
+    assert usefulness_module.mixing_weights(40, 60, 0.25)[:40].sum() == pytest.approx(0.25)
+    assert usefulness_module.mixing_weights(200, 10_000, None) is None  # uniform over the union
+    assert usefulness_module.mixing_weights(0, 60, 0.5) is None and usefulness_module.mixing_weights(40, 0, 0.5) is None
 
 
 def test_progress_printer_lines():
@@ -262,10 +273,60 @@ def test_usefulness_on_ray_tasks_matches_in_process(ray_local):
         np.array([c.shape_id for *_, c in fresh]), np.array([c.name for *_, c in fresh]), set(), {})
     config = evaluate_module.EvaluateConfig(usefulness_real=10, usefulness_synthetic=20, usefulness_steps=3)
     args = (TINY, judge_module.JudgeTrainConfig(batch_size=8), seen, heldout, synthetic, config, 0)
-    local = evaluate_module.usefulness(*args, runner=evaluate_module.run_in_process)
-    remote = evaluate_module.usefulness(*args, runner=evaluate_module.run_on_ray)
+    local = usefulness_module.usefulness(*args, runner=usefulness_module.run_in_process)
+    remote = usefulness_module.usefulness(*args, runner=usefulness_module.run_on_ray)
     assert local == remote
     assert {k: v["train_rows"] for k, v in local["classifiers"].items()} == {
         "real": 10, "real_plus_synthetic": 30, "synthetic": 20}
     assert local["test_rows"] == len(heldout) and set(local["classifiers"]["real"]["categories"]) == {
         c.name for c in CATEGORIES}
+
+
+def test_scarce_protocol_arms_seeds_and_deltas(ray_local):
+    ids, images, categories, splits = real_phantoms()
+    rows = [i for i, c in enumerate(categories) if c in CATEGORIES]
+    real = judge_module.LabeledArrays(
+        np.array(ids)[rows], to_model_range(images[rows]), np.array([categories[i].margin_id for i in rows]),
+        np.array([categories[i].shape_id for i in rows]), np.array(splits)[rows])
+    seen, heldout = real.where_split("train"), real.where_split("val")
+
+    def arrays(n, seed):
+        fresh = list(generate_phantoms(n, seed, CATEGORIES))
+        return evaluate_module.SyntheticArrays(
+            to_model_range(np.stack([im for _, im, _ in fresh])), np.array([c.margin_id for *_, c in fresh]),
+            np.array([c.shape_id for *_, c in fresh]), np.array([c.name for *_, c in fresh]), set(), {})
+
+    sets = {"a": arrays(30, 7), "b": arrays(24, 8)}
+    kwargs = dict(real=10, synthetic=20, steps=3, seeds=3, seed=0)
+    args = (TINY, judge_module.JudgeTrainConfig(batch_size=8), seen, heldout, sets)
+    local = usefulness_module.scarce_usefulness(*args, **kwargs, runner=usefulness_module.run_in_process)
+    remote = usefulness_module.scarce_usefulness(*args, **kwargs, runner=usefulness_module.run_on_ray)
+    assert local == remote
+    arms = local["arms"]
+    assert list(arms) == ["real", "real_mixup", "real_plus_synthetic:a", "real_plus_synthetic:b"]
+    assert (local["R"], local["S"], local["seeds"], local["test_rows"]) == (10, 20, 3, len(heldout))
+    assert [arms[a]["synthetic_rows"] for a in arms] == [0, 0, 20, 20]
+    for arm in arms:
+        runs = arms[arm]["accuracy"]["mean"]["runs"]
+        assert len(runs) == 3 and arms[arm]["accuracy"]["mean"]["mean"] == pytest.approx(np.mean(runs))
+        assert arms[arm]["accuracy"]["mean"]["sd"] == pytest.approx(np.std(runs, ddof=1))
+    base = arms["real"]["accuracy"]["mean"]["runs"]
+    assert arms["real"]["delta_vs_real"] is None
+    delta = arms["real_plus_synthetic:a"]["delta_vs_real"]["mean"]["runs"]
+    assert delta == pytest.approx([a - b for a, b in zip(arms["real_plus_synthetic:a"]["accuracy"]["mean"]["runs"], base)])
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        usefulness_module.scarce_usefulness(*args, **{**kwargs, "seeds": 0})
+
+
+def test_mixup_changes_what_the_classifier_learns():
+    ids, images, categories, _ = real_phantoms()
+    x = to_model_range(images[:40])
+    m = np.array([c.margin_id for c in categories[:40]])
+    s = np.array([c.shape_id for c in categories[:40]])
+    out = {}
+    for alpha in (0.0, 0.4):
+        model = judge_module.new_judge(TINY, 0)
+        result = judge_module.fit(model, x, m, s, judge_module.JudgeTrainConfig(batch_size=8, steps=4, mixup_alpha=alpha))
+        out[alpha] = (result["steps"], [p.detach().clone() for p in model.parameters()])
+    assert out[0.0][0] == out[0.4][0] == 4
+    assert not all(torch.equal(a, b) for a, b in zip(out[0.0][1], out[0.4][1]))

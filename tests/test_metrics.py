@@ -189,3 +189,29 @@ def test_head_accuracies():
     assert np.isnan(metrics.accuracy(np.array([]), np.array([])))
     with pytest.raises(ValueError, match="shape"):
         metrics.accuracy(np.array([1, 2]), np.array([1]))
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.7, 3.0])
+def test_precision_recall_density_coverage_match_the_authors_prdc(shift):
+    prdc = pytest.importorskip("prdc")
+    rng = np.random.default_rng(int(shift * 10))
+    real = rng.normal(size=(300, 8))
+    synthetic = rng.normal(size=(250, 8)) * 0.6 + shift  # narrower and shifted: every figure below 1
+    want = prdc.compute_prdc(real, synthetic, nearest_k=5)
+    pr = metrics.precision_recall(real, synthetic, k=5, chunk=64)
+    dc = metrics.density_coverage(real, synthetic, k=5, chunk=64)
+    assert pr.precision == pytest.approx(want["precision"], abs=1e-12)
+    assert pr.recall == pytest.approx(want["recall"], abs=1e-12)
+    assert dc.density == pytest.approx(want["density"], abs=1e-12)
+    assert dc.coverage == pytest.approx(want["coverage"], abs=1e-12)
+    if shift == 3.0:
+        assert dc.coverage < 0.05 and dc.density < 0.05
+    if shift == 0.0:
+        assert dc.density > 1.5  # narrower than real: denser than real in the real balls
+
+
+def test_density_coverage_of_a_set_against_itself():
+    x = np.random.default_rng(0).normal(size=(200, 4))
+    dc = metrics.density_coverage(x, x, k=5)
+    # each ball strictly holds its centre and its k - 1 nearest others (the k-th sits on the border)
+    assert dc.coverage == 1.0 and dc.k == 5 and dc.density == 1.0
