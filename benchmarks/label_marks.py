@@ -39,7 +39,7 @@ from f2m_ray.mixing import quantized_dirichlet
 from f2m_ray.networks import build_networks
 from f2m_ray.phantom import generate_phantoms
 from f2m_ray.readers import to_model_range
-from f2m_ray.train import Feature2MassStep, make_optimizers
+from f2m_ray.step import Feature2MassStep, make_optimizers
 
 
 def variants() -> dict[str, Preset]:

@@ -1,6 +1,6 @@
 """Training throughput: Ray Train (N DDP workers) vs a plain single-process PyTorch loop.
 
-Both do the same work per step (f2m_ray.train.Feature2MassStep: D1 + D2 then G, with the
+Both do the same work per step (f2m_ray.step.Feature2MassStep: D1 + D2 then G, with the
 paper's augmentation) on the same training rows (the train split of the same phantoms),
 with the same preset and global batch, and the same total torch threads (the plain loop
 uses all cores; each of the N CPU workers uses cores / N). Steady state = every epoch
@@ -31,7 +31,8 @@ from f2m_ray.config import get_preset
 from f2m_ray.networks import build_networks
 from f2m_ray.phantom import DEFAULT_CATEGORIES, generate_phantoms
 from f2m_ray.readers import assign_split, to_model_range
-from f2m_ray.train import Feature2MassStep, make_optimizers, threads_per_worker
+from f2m_ray.step import Feature2MassStep, make_optimizers
+from f2m_ray.train import threads_per_worker
 
 
 @dataclass

@@ -365,6 +365,19 @@ def gan_training_ids(manifest: dict[str, Any]) -> tuple[set[str] | None, str]:
     return set(loaded.roi_id[loaded.split == "train"].tolist()), f"feature bank {bank}"
 
 
+def split_real(real_all, seed_ids: set[str], gan_train_ids: set[str] | None, judge=None) -> tuple[np.ndarray, np.ndarray]:
+    """(seen, held out) masks over `real_all`: seen = what the GAN trained on (None: split "train")
+    plus every seed a synthetic mass was mixed from; held out = seen by neither them nor the judge."""
+    in_training_split = real_all.split == "train"
+    gan_seen = in_training_split if gan_train_ids is None else np.isin(real_all.roi_id, list(gan_train_ids))
+    seen_mask = gan_seen | np.isin(real_all.roi_id, list(seed_ids))
+    if judge is not None and judge.train_ids is not None:
+        judge_seen = np.isin(real_all.roi_id, list(judge.train_ids))
+    else:
+        judge_seen = in_training_split  # a judge trained here, or one without recorded ids, used the split
+    return seen_mask, ~seen_mask & ~judge_seen
+
+
 def default_device() -> str:
     import torch
 
@@ -400,16 +413,7 @@ def evaluate_arrays(
             judge.train_config.val_fraction, judge.train_config.seed) != (config.val_fraction, config.seed):
         notes.append("the judge was trained on these data with another split: some held-out rows were in its training set")
 
-    # Seen: what the GAN trained on and every ROI a synthetic mass was mixed from.
-    in_training_split = real_all.split == "train"
-    gan_seen = in_training_split if gan_train_ids is None else np.isin(real_all.roi_id, list(gan_train_ids))
-    seen_mask = gan_seen | np.isin(real_all.roi_id, list(synthetic.seed_ids))
-    # Held out: seen by neither the GAN, the synthesis nor the judge.
-    if judge is not None and judge.train_ids is not None:
-        judge_seen = np.isin(real_all.roi_id, list(judge.train_ids))
-    else:
-        judge_seen = in_training_split  # a judge trained here, or one without recorded ids, used the split
-    heldout_all_mask = ~seen_mask & ~judge_seen
+    seen_mask, heldout_all_mask = split_real(real_all, synthetic.seed_ids, gan_train_ids, judge)
     seen, heldout_all = real_all.subset(np.flatnonzero(seen_mask)), real_all.subset(np.flatnonzero(heldout_all_mask))
     echo(f"real: {len(seen)} seen by the GAN or used as seeds, {len(heldout_all)} held out")
     if len(heldout_all) < 2:

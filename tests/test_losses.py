@@ -94,7 +94,7 @@ def test_fake_label_weight_scales_only_the_label_term_on_fakes():
 
 def test_d_augment_changes_what_d_sees_only_when_set():
     """Feature2MassStep shows D augmented images iff d_augment; the same generator seed repeats a step."""
-    from f2m_ray.train import Feature2MassStep, make_optimizers
+    from f2m_ray.step import Feature2MassStep, make_optimizers
 
     preset = PRESETS["tiny"]
     images, margins, shapes = _toy(8)
@@ -138,7 +138,7 @@ def test_mix_training_shows_d_decoded_mixes_of_one_category():
     """lambda_mix > 0: from the second step on (centroids known) D and G also see mixes, labelled."""
     from dataclasses import replace
 
-    from f2m_ray.train import MIX_METRICS, STEP_METRICS, Feature2MassStep, make_optimizers
+    from f2m_ray.step import MIX_METRICS, STEP_METRICS, Feature2MassStep, make_optimizers
 
     preset = PRESETS["tiny"]
     images, _, _ = _toy(8)
