@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--usefulness-steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=3, help="classifier seeds per arm")
     parser.add_argument("--usefulness-schemes", default="variance-preserving,paper",
-                        help="schemes that get a real + synthetic usefulness arm (each arm costs SEEDS classifiers)")
+                        help="comma-separated SCHEME (for every model) or MODEL/SCHEME entries that get a real + "
+                             "synthetic usefulness arm (each arm costs SEEDS classifiers)")
     parser.add_argument("--no-usefulness", action="store_true")
     args = parser.parse_args(argv)
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     config = EvaluateConfig(usefulness=False).resolved(judge.train_config)
     real_all = collect_labeled(read_labeled(args.real, "auto", config.val_fraction, config.seed).dataset)
     results: dict[str, dict] = {}
-    useful_schemes = [s for s in args.usefulness_schemes.split(",") if s in schemes]
+    wanted = [w for w in args.usefulness_schemes.split(",") if w]  # SCHEME (every model) or MODEL/SCHEME
     all_sets: dict[str, object] = {}  # "MODEL/SCHEME" -> synthetic arrays, for the usefulness arms
     useful = None
     for name, model in models.items():
@@ -158,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {scheme}: " + ", ".join(f"{k} {v:.3g}" for k, v in rows[scheme].items()
                                               if isinstance(v, float)), file=sys.stderr)
         results[name] = rows
-        for scheme in useful_schemes:
-            all_sets[f"{name}/{scheme}"] = sets[scheme]
+        for scheme in schemes:
+            if scheme in wanted or f"{name}/{scheme}" in wanted:
+                all_sets[f"{name}/{scheme}"] = sets[scheme]
 
     if not args.no_usefulness:  # one run for every model: the real and mixup arms are shared
         seeds_used = set().union(*(s.seed_ids for s in all_sets.values()))

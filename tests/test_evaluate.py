@@ -191,6 +191,23 @@ def test_cli_end_to_end(ray_local, fixtures, tmp_path):
         'xmlns="http://www.w3.org/2000/svg"', "")
 
 
+def test_cli_scarce_protocol_is_the_default(ray_local, fixtures, tmp_path):
+    out = tmp_path / "report"
+    result = invoke("evaluate", "--synthetic", fixtures["fresh"], "--real", REAL, "--judge", fixtures["judge"],
+                    "--out", str(out), "--usefulness-steps", "3", "--usefulness-real", "12",
+                    "--usefulness-synthetic", "30", "--usefulness-seeds", "2")
+    assert result.exit_code == 0, result.output
+    useful = json.loads((out / "report.json").read_text())["usefulness"]
+    assert (useful["protocol"], useful["R"], useful["S"], useful["seeds"], useful["mixup_alpha"]) == (
+        "scarce", 12, 30, 2, 0.4)
+    assert list(useful["arms"]) == ["real", "real_mixup", "real_plus_synthetic"]
+    assert all(len(arm["accuracy"]["mean"]["runs"]) == 2 for arm in useful["arms"].values())
+    assert "usefulness: 6 classifiers as Ray tasks: 6/6" in result.stderr
+    assert "real_plus_synthetic" in result.stdout and "points vs real" in result.stdout
+    page = (out / "report.html").read_text()
+    assert "Usefulness (scarce real data)" in page and "real + mixup" in page and "&plusmn;" in page
+
+
 def test_different_image_sizes_refused(ray_local, fixtures, tmp_path):
     with pytest.raises(F2MError, match="synthetic masses are 32x32 pixels but the real ones are 64x64"):
         evaluate_module.evaluate(fixtures["small"], REAL, str(tmp_path / "r"), None, evaluate_module.EvaluateConfig(**FAST))
