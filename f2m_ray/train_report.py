@@ -38,7 +38,8 @@ def format_epoch_line(metrics: dict, total_epochs: int) -> str:
         f"epoch {metrics['epoch']:>4}/{total_epochs}  "
         f"{metrics['images_per_second']:7.1f} img/s  "
         f"D margin {metrics['d_margin_loss']:.3f} shape {metrics['d_shape_loss']:.3f}  "
-        f"G {metrics['g_loss']:.3f} (adv {metrics['g_adversarial']:.3f})  "
+        f"G {metrics['g_loss']:.3f} (adv {metrics['g_adversarial']:.3f}"
+        + (f", mix adv {metrics['g_mix_adversarial']:.3f}" if "g_mix_adversarial" in metrics else "") + ")  "
         f"L1 {metrics['l1']:.4f}" + (f" val {val_l1:.4f}" if val_l1 is not None else "") + "  "
         f"D label acc on real val: margin {acc('val_margin_accuracy')} shape {acc('val_shape_accuracy')}"
     )

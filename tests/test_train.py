@@ -264,3 +264,31 @@ def test_dry_run_prints_without_starting_ray(tmp_path):
                           "--dry-run"], capture_output=True, text=True)
     assert job.returncode == 0, job.stderr
     assert "preset    tiny" in job.stdout and "run       f2m-runs/j" in job.stdout
+
+
+def test_epoch_line_shows_the_mix_term_only_when_trained():
+    from f2m_ray.train_report import format_epoch_line
+
+    row = {"epoch": 3, "images_per_second": 50.0, "d_margin_loss": 1.0, "d_shape_loss": 2.0, "g_loss": 3.0,
+           "g_adversarial": 0.7, "l1": 0.08, "val_l1": 0.09, "val_margin_accuracy": 0.5, "val_shape_accuracy": 0.25}
+    plain = format_epoch_line(row, 10)
+    assert "(adv 0.700)" in plain and "mix" not in plain
+    mixed = format_epoch_line({**row, "g_mix_adversarial": 1.25, "g_mix_labels": 0.5}, 10)
+    assert "(adv 0.700, mix adv 1.250)" in mixed and mixed.startswith("epoch    3/10")
+
+
+def test_mix_weight_flag_and_loss_table(tmp_path):
+    from f2m_ray.train import resolve_run
+
+    preset, _ = resolve_run(None, "small", loss_overrides={"lambda_mix": 0.5})
+    assert preset.loss.lambda_mix == 0.5 and preset.loss.fake_label_weight == 0.1  # the rest of small stays
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "paper"\n[loss]\nlambda_mix = 2.0\n')
+    preset, _ = resolve_run(str(toml), loss_overrides={"lambda_mix": None})
+    assert preset.name == "paper" and preset.loss.lambda_mix == 2.0
+    with pytest.raises(F2MError, match="--mix-weight \\(lambda_mix\\) must be >= 0, got -1"):
+        resolve_run(None, "tiny", loss_overrides={"lambda_mix": -1.0})
+    toml.write_text('[loss]\nlambda_mixx = 1\n')
+    with pytest.raises(F2MError, match="unknown LossConfig field\\(s\\): lambda_mixx"):
+        resolve_run(str(toml))
+    assert PRESETS["paper"].loss.lambda_mix == 0.0  # the paper's eq. 3-5
