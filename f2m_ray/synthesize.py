@@ -431,8 +431,12 @@ def prepare_output(run: ResolvedRun) -> dict[str, int]:
                 f"output {c.out} is not empty ({len(files)} files); use --resume to finish the run there, "
                 f"--overwrite to replace it, or another --out"
             )
-        if not ours & set(files):
+        if not _is_synthetic_run(fs, root, files):
             raise F2MError(f"output {c.out} is not empty and is not an f2m-ray synthetic dataset; refusing to overwrite it")
+        foreign = sorted(name for name in files if not _dataset_file(name))
+        if foreign:
+            raise F2MError(f"output {c.out} also holds {len(foreign)} files that are not part of a synthetic dataset "
+                           f"(e.g. {foreign[0]}); refusing to overwrite it: move them or use another --out")
         _remove(fs, join(root, MANIFEST_NAME))  # first: a half-replaced dataset must not look finished
         fs.rm(root, recursive=True)
         fs.invalidate_cache()
@@ -459,6 +463,34 @@ def prepare_output(run: ResolvedRun) -> dict[str, int]:
     }
     _write_json(c.out, RUN_NAME, record)
     return {name: size for name, size in files.items() if name in expected and size > 0}
+
+
+def _dataset_file(name: str) -> bool:
+    """Whether a path under --out is one a synthetic run writes: its JSON files, CATEGORY/part-*.parquet, temp files."""
+    if name in (RUN_NAME, MANIFEST_NAME):
+        return True
+    parts = name.split("/")
+    if len(parts) != 2:
+        return False
+    base = parts[1]
+    return (base.startswith("part-") and base.endswith(".parquet")) or (base.startswith(".") and ".tmp-" in base)
+
+
+def _is_synthetic_run(fs, root: str, files: dict[str, int]) -> bool:
+    """True when --out holds a _run.json or _manifest.json that f2m-ray wrote (checked by its format field)."""
+    for name, key, expected in ((RUN_NAME, "fingerprint", RUN_FORMAT), (MANIFEST_NAME, None, MANIFEST_FORMAT)):
+        if name not in files:
+            continue
+        try:
+            with fs.open(join(root, name), "r") as f:
+                content = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(content, dict):
+            inner = content.get(key) if key else content
+            if isinstance(inner, dict) and inner.get("format") == expected:
+                return True
+    return False
 
 
 def _remove(fs, path: str) -> None:

@@ -103,7 +103,14 @@ class SyntheticTorchDataset(_TorchDataset):
 
         table = read_table(path, columns=["image", "category", *LABEL_COLUMNS])
         if categories:
-            table = table.filter(pc.is_in(table.column("category"), value_set=pa.array(categories)))
+            from f2m_ray.labels import parse_category
+
+            wanted = [parse_category(name).name for name in categories]  # any accepted spelling; unknown: F2MError
+            held = set(pc.unique(table.column("category")).to_pylist())
+            missing = [name for name in wanted if name not in held]
+            if missing:
+                raise F2MError(f"{path} holds no masses of {', '.join(missing)}; it holds {', '.join(sorted(held))}")
+            table = table.filter(pc.is_in(table.column("category"), value_set=pa.array(wanted)))
         self.path = path
         self.images = table.column("image").combine_chunks().field("bytes")
         self.margin_ids = table.column("margin_id").to_numpy().astype(np.int64)

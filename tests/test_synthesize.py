@@ -340,6 +340,27 @@ def test_existing_output_is_protected(model, tmp_path, local_run):
     assert again.written_files == 0 and again.rows == 1000
 
 
+def test_overwrite_never_deletes_what_a_run_did_not_write(model, tmp_path):
+    project = tmp_path / "my_project"
+    project.mkdir()
+    (project / "precious.txt").write_text("mine")
+    (project / "_manifest.json").write_text("{}")  # not one f2m-ray wrote
+    with pytest.raises(F2MError, match="not an f2m-ray synthetic dataset; refusing"):
+        synthesize(config(model, project, n=20, overwrite=True), report=None, use_ray=False)
+    assert (project / "precious.txt").read_text() == "mine" and (project / "_manifest.json").read_text() == "{}"
+    # a real dataset with a user's file beside it: refused, nothing removed
+    out = tmp_path / "syn"
+    synthesize(config(model, out, n=20, rows_per_file=20), report=None, use_ray=False)
+    (out / "precious.txt").write_text("mine")
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(F2MError, match="also holds 1 files that are not part of a synthetic dataset \(e.g. precious.txt\)"):
+        synthesize(config(model, out, n=20, rows_per_file=20, overwrite=True, seed=3), report=None, use_ray=False)
+    assert sorted(p.name for p in out.rglob("*")) == before and (out / MANIFEST_NAME).exists()
+    (out / "precious.txt").unlink()
+    again = synthesize(config(model, out, n=20, rows_per_file=20, overwrite=True, seed=3), report=None, use_ray=False)
+    assert again.written_files == 1 and json.loads((out / MANIFEST_NAME).read_text())["arguments"]["seed"] == 3
+
+
 @pytest.mark.s3
 def test_unreachable_s3_is_one_line(model, monkeypatch):
     with socket.socket() as s:

@@ -50,6 +50,13 @@ def test_torch_dataset_decodes_png_to_model_range(dataset):
     torch.testing.assert_close(image, torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1.0)[None])
     assert (margin, shape) == (table.column("margin_id")[45].as_py(), table.column("shape_id")[45].as_py())
     assert len(SyntheticTorchDataset(str(dataset), categories=[OTHER])) == 40
+    # the spellings the command line accepts; an unknown name or a category the dataset lacks is an error, not 0 rows
+    alias = SyntheticTorchDataset(str(dataset), categories=[CATEGORY.replace("spiculated", "spiculate").upper()])
+    assert len(alias) == 40 and set(alias.margin_ids.tolist()) == {4}
+    with pytest.raises(F2MError, match="unknown category 'spiky'"):
+        SyntheticTorchDataset(str(dataset), categories=["spiky"])
+    with pytest.raises(F2MError, match="holds no masses of obscured-round; it holds circumscribed-oval, spiculated-irregular"):
+        SyntheticTorchDataset(str(dataset), categories=[OTHER, "obscured-round"])
     with pytest.raises(IndexError):
         data[80]
 
