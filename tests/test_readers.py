@@ -99,7 +99,10 @@ def test_cbis_ddsm_split_is_by_patient_and_reproducible(ray_local, cbis_csv):
     for patient, split in zip(first["patient_id"], first["split"]):
         by_patient.setdefault(patient, set()).add(split)
     assert all(len(splits) == 1 for splits in by_patient.values())  # no patient in both splits
-    assert by_patient["P_00001"] == by_patient["P_00001"] and len(by_patient) == 7
+    assert len(by_patient) == 7
+    # every ROI of a patient shares its split, and both splits are used
+    assert all(split_of[r] == next(iter(by_patient[p])) for r, p in zip(first["roi_id"], first["patient_id"]))
+    assert set(split_of.values()) == {"train", "val"}
     # The rule itself: round(0.3 * 8 patients) = 2 val patients, a pure function of (ids, seed).
     patients = [f"P_{i:05d}" for i in (1, 4, 5, 6, 9, 10, 12, 13)]
     chosen = split_by_patient(patients, 0.3, 5)
@@ -277,7 +280,7 @@ def test_data_check_command(ray_local, cbis_csv, tmp_path):
     bad = tmp_path / "labels.csv"
     bad.write_text("path,margin,shape\na.png,wobbly,round\n")
     failed = run_data_check("--data", str(bad), "--no-sheet")
-    assert failed.exit_code == 1 and failed.exception is None or isinstance(failed.exception, SystemExit)
+    assert failed.exit_code == 1 and (failed.exception is None or isinstance(failed.exception, SystemExit))
     assert [line for line in failed.stderr.splitlines() if line.strip()] == [
         f"Error: no usable rows in {bad} (dropped: margin outside the vocabulary: wobbly x1)"
     ]
