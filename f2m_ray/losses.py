@@ -13,6 +13,12 @@ by G. All losses below are written to be minimised:
     D_k: BCE(D_k(I), 1) + BCE(D_k(I'), 0) + lambda_k * (CE(y_k, D_k(I)) + w * CE(y_k, D_k(I')))   k = 1 margin, 2 shape
     G:   BCE(D_1(I'), 1) + BCE(D_2(I'), 1) + lambda3 * (CE(m, D_1(I')) + CE(s, D_2(I'))) + lambda4 * L1(I, I')
 
+With ``LossConfig.lambda_mix`` = W > 0 (training for mixes; not in the paper) D and G also see M
+decoded mixes ``I^`` of same-category features, labelled with their category:
+
+    D_k: ... + W * (BCE(D_k(I^), 0) + lambda_k * w * CE(y_k, D_k(I^)))
+    G:   ... + W * (BCE(D_1(I^), 1) + BCE(D_2(I^), 1) + lambda3 * (CE(m, D_1(I^)) + CE(s, D_2(I^))))
+
 ``w`` (``LossConfig.fake_label_weight``) is 1 in the paper's equations. Below 1, D learns its
 labels mostly from real masses, so G is rewarded for drawing real margin and shape cues rather
 than marks only D reads; the ``small`` preset uses 0.1.
