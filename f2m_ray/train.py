@@ -115,6 +115,15 @@ class RunOptions:
 _CONFIG_SECTIONS = ("preset", "train", "loss", "run")
 
 
+def _on_the_driver(options: RunOptions) -> RunOptions:
+    """Local paths made absolute against the command's working directory: a Ray worker runs elsewhere."""
+    storage = options.storage if is_remote(options.storage) else os.path.abspath(os.path.expanduser(options.storage))
+    data = options.data
+    if not (data == "phantom" or data.startswith("phantom:") or is_remote(data)):
+        data = os.path.abspath(os.path.expanduser(data))
+    return replace(options, storage=storage, data=data)
+
+
 def resolve_run(
     config_file: str | None = None,
     preset_name: str | None = None,
@@ -148,7 +157,7 @@ def resolve_run(
     bad = sorted(set(run_values) - known)
     if bad:
         raise F2MError(f"unknown run option(s): {', '.join(bad)}; known: {', '.join(sorted(known))}")
-    options = RunOptions(**run_values)
+    options = _on_the_driver(RunOptions(**run_values))
     if not options.name:
         options = replace(options, name=f"{preset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_train_config(preset.train, options)

@@ -261,9 +261,9 @@ def test_dry_run_prints_without_starting_ray(tmp_path):
     assert "epochs=11" in result.stdout and f"{tmp_path}/cfg" in result.stdout and "preset    tiny" in result.stdout
     assert not (tmp_path / "cfg").exists()  # nothing written
     job = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--preset", "tiny", "--name", "j",
-                          "--dry-run"], capture_output=True, text=True)
+                          "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
     assert job.returncode == 0, job.stderr
-    assert "preset    tiny" in job.stdout and "run       f2m-runs/j" in job.stdout
+    assert "preset    tiny" in job.stdout and f"run       {tmp_path}/f2m-runs/j" in job.stdout
 
 
 def test_epoch_line_shows_the_mix_term_only_when_trained():
@@ -292,3 +292,13 @@ def test_mix_weight_flag_and_loss_table(tmp_path):
     with pytest.raises(F2MError, match="unknown LossConfig field\\(s\\): lambda_mixx"):
         resolve_run(str(toml))
     assert PRESETS["paper"].loss.lambda_mix == 0.0  # the paper's eq. 3-5
+
+
+def test_relative_paths_mean_the_folder_the_command_ran_in(tmp_path, monkeypatch):
+    from f2m_ray.train import resolve_run
+
+    monkeypatch.chdir(tmp_path)
+    _, options = resolve_run(None, "tiny", run_overrides={"storage": "runs", "name": "demo", "data": "rois/labels.csv"})
+    assert options.run_dir == str(tmp_path / "runs" / "demo") and options.data == str(tmp_path / "rois" / "labels.csv")
+    _, options = resolve_run(None, "tiny", run_overrides={"storage": "s3://bucket/runs", "name": "d", "data": "phantom:50"})
+    assert options.run_dir == "s3://bucket/runs/d" and options.data == "phantom:50"
