@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from f2m_ray import metrics  # noqa: E402
 from f2m_ray.evaluate import (  # noqa: E402
     EvaluateConfig,
+    ProgressPrinter,
     evaluate_arrays,
     gan_training_ids,
     read_synthetic,
@@ -58,6 +59,10 @@ def pixel_spread(images: np.ndarray, seed: int = 0) -> float:
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0) / x.shape[1]
     upper = np.triu_indices(len(x), 1)
     return float(np.sqrt(d2[upper]).mean())
+
+
+def fmt(value, pattern: str = "{:.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
 
 
 def contrast(images: np.ndarray) -> float:
@@ -86,6 +91,27 @@ def category_figures(synthetic, real_all, heldout_mask: np.ndarray) -> dict[str,
             continue
         out[category] = {"spread": pixel_spread(syn) / pixel_spread(real), "contrast": contrast(syn) / contrast(real)}
     return out
+
+
+def reconstruction_figures(model: str, bank, real_all, heldout_mask: np.ndarray) -> dict[str, dict[str, float]]:
+    """Spread and contrast of the decodes of the bank's own features (K = 1): what the decoder keeps."""
+    import torch
+
+    from f2m_ray.checkpoint import find_checkpoint, load_checkpoint
+    from f2m_ray.schema import to_uint8
+
+    generator = load_checkpoint(find_checkpoint(model)).generator()
+    with torch.inference_mode():
+        decoded = generator.decode(torch.from_numpy(np.asarray(bank.features, dtype=np.float32))).numpy()[:, 0]
+    images = to_uint8(decoded).astype(np.float32) / 127.5 - 1.0  # as stored: 8-bit
+    names = np.array([f"{MARGINS[m]}-{SHAPES[s]}" for m, s in zip(bank.margin, bank.shape)])
+
+    class Arrays:  # the fields category_figures reads
+        pass
+
+    arrays = Arrays()
+    arrays.images, arrays.category = images, names
+    return category_figures(arrays, real_all, heldout_mask)
 
 
 def row_of(report: dict, per_category: dict[str, dict[str, float]]) -> dict[str, float | None]:
@@ -156,6 +182,14 @@ def main(argv: list[str] | None = None) -> None:
             per_category = category_figures(synthetic, real_all, heldout_mask)
             rows[scheme] = {**row_of(report, per_category), "categories": per_category}
             sets[scheme] = synthetic
+            if "reconstruction" not in rows:
+                recon = reconstruction_figures(model, bank, real_all, heldout_mask)
+                spreads = [v["spread"] for v in recon.values()]
+                rows["reconstruction"] = {"spread_min": min(spreads), "spread_median": float(np.median(spreads)),
+                                          "contrast_median": float(np.median([v["contrast"] for v in recon.values()])),
+                                          "categories": recon}
+                print(f"  reconstructions (K = 1): spread {min(spreads):.3g} min, {np.median(spreads):.3g} median",
+                      file=sys.stderr)
             print(f"  {scheme}: " + ", ".join(f"{k} {v:.3g}" for k, v in rows[scheme].items()
                                               if isinstance(v, float)), file=sys.stderr)
         results[name] = rows
@@ -171,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             judge.config, judge.train_config, real_all.subset(np.flatnonzero(seen_mask)),
             real_all.subset(np.flatnonzero(heldout_mask)), all_sets, real=args.usefulness_real,
             synthetic=args.usefulness_synthetic, steps=args.usefulness_steps, seeds=args.seeds,
-            seed=config.seed, runner=run_on_ray)
+            seed=config.seed, runner=run_on_ray, progress=ProgressPrinter(sys.stderr))
         arms = useful["arms"]
         for key in all_sets:
             name, scheme = key.split("/", 1)
@@ -184,24 +218,28 @@ def main(argv: list[str] | None = None) -> None:
               f"+- {100 * mixup['sd']:.1f} points (R={useful['R']}, {useful['test_rows']} test ROIs, "
               f"{useful['test_categories']} categories)", file=sys.stderr)
 
-    header = ("model", "scheme", "spread min", "spread med", "contrast", "coverage", "recall", "FD/floor",
-              "fid. margin", "fid. shape", "memorized", "useful (points)")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for name, rows in results.items():
-        for scheme in schemes:
-            r = rows[scheme]
-            useful = f"{r['useful_points']:+.1f} +- {r['useful_sd']:.1f}" if "useful_points" in r else "-"
-            cells = [name, scheme, f"{r['spread_min']:.2f}x", f"{r['spread_median']:.2f}x", f"{r['contrast_median']:.2f}x",
-                     f"{r['coverage']:.2f}", f"{r['recall']:.2f}", f"{r['fd_over_floor']:.1f}",
-                     f"{r['fidelity_margin']:.2f}", f"{r['fidelity_shape']:.2f}", f"{100 * r['memorized_pixels']:.1f}%",
-                     useful]
-            print("| " + " | ".join(cells) + " |")
     os.makedirs(args.work, exist_ok=True)
     with open(os.path.join(args.work, "frontier.json"), "w") as f:
         json.dump({"models": models, "schemes": schemes, "n": args.n, "real": args.real, "results": results,
                    "usefulness": useful,
                    "seconds": round(time.perf_counter() - started, 1)}, f, indent=1, default=float)
+    header = ("model", "scheme", "spread min", "spread med", "contrast", "coverage", "recall", "FD/floor",
+              "fid. margin", "fid. shape", "memorized", "useful (points)")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, rows in results.items():
+        r = rows.get("reconstruction")
+        if r:
+            print(f"| {name} | reconstruction (K = 1) | {r['spread_min']:.2f}x | {r['spread_median']:.2f}x | "
+                  f"{r['contrast_median']:.2f}x |" + " |" * 7)
+        for scheme in schemes:
+            r = rows[scheme]
+            useful = f"{r['useful_points']:+.1f} +- {r['useful_sd']:.1f}" if "useful_points" in r else "-"
+            cells = [name, scheme, fmt(r["spread_min"], "{:.2f}x"), fmt(r["spread_median"], "{:.2f}x"),
+                     fmt(r["contrast_median"], "{:.2f}x"), fmt(r["coverage"]), fmt(r["recall"]),
+                     fmt(r["fd_over_floor"], "{:.1f}"), fmt(r["fidelity_margin"]), fmt(r["fidelity_shape"]),
+                     fmt(r["memorized_pixels"] and 100 * r["memorized_pixels"], "{:.1f}%"), useful]
+            print("| " + " | ".join(cells) + " |")
     print(f"{time.perf_counter() - started:.0f} s; {os.path.join(args.work, 'frontier.json')}", file=sys.stderr)
 
 
