@@ -9,9 +9,10 @@ sample draws and in how their weights combine them:
   mix of K features sits near the category mean: its deviation from the mean shrinks by about
   sqrt(2 / (K + 1)) (0.31 for K = 20), so the masses look alike.
 - ``variance-preserving``: the same seeds and weights, combined as
-  ``c + sum_k w_k (v_k - c) / ||w||_2`` with ``c`` the category centroid (mean feature of the
-  category's seed pool). For independent deviations the mix has the spread of one feature; a
-  one-hot weight returns that seed's feature.
+  ``c + s(w) sum_k w_k (v_k - c)`` with ``c`` the category centroid (mean feature of the
+  category's seed pool of N) and ``s(w) = sqrt((N - 1) / (N ||w||^2 - 1))``, about
+  ``1 / ||w||_2`` for large pools (``variance_preserving_scale``): the mix has the spread of one
+  feature; a one-hot weight returns that seed's feature.
 - ``sparse``: eq. 2 over K = 3 seeds: mixes stay close to the segment/triangle of a few
   real masses (more spread than ``paper``, less than one feature).
 
@@ -111,10 +112,34 @@ def mix(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (weights @ np.asarray(features, dtype=np.float64)).astype(np.float32)
 
 
-def mix_rows(features: np.ndarray, weights: np.ndarray, centroid: np.ndarray | None = None) -> np.ndarray:
+def variance_preserving_scale(weights: np.ndarray, pool_size: int | None = None) -> np.ndarray:
+    """The factor that gives ``sum_k w_k (v_k - c)`` the spread of one seed's deviation: (b,).
+
+    For independent deviations it is ``1 / ||w||_2``. When the K seeds are drawn without
+    replacement from a pool of N whose mean is the centroid, their deviations sum to zero over
+    the pool and are negatively correlated (covariance -s^2 / (N - 1)); the variance of the mix
+    is then ``s^2 (N ||w||^2 - 1) / (N - 1)``, so the factor is ``sqrt((N - 1) / (N ||w||^2 - 1))``
+    (1 for one-hot weights; ``1 / ||w||_2`` as N grows). Without it a mix of all 10 seeds of a
+    small category keeps only about 0.67 of the spread. Where ``N ||w||^2 = 1`` (uniform weight on
+    the whole pool) the mix is the centroid itself and the factor is irrelevant: 1.
+    """
+    squared = np.einsum("bk,bk->b", weights, weights)  # ||w||^2 in [1/K, 1]
+    if pool_size is None:
+        return 1.0 / np.sqrt(squared)
+    if pool_size < 2:
+        raise F2MError(f"a variance-preserving mix needs a pool of at least 2 seeds, got {pool_size}")
+    excess = pool_size * squared - 1.0
+    return np.where(excess > 1e-12, np.sqrt((pool_size - 1) / np.maximum(excess, 1e-12)), 1.0)
+
+
+def mix_rows(
+    features: np.ndarray, weights: np.ndarray, centroid: np.ndarray | None = None, pool_size: int | None = None
+) -> np.ndarray:
     """Eq. 2 for a batch: (b, K, D) seed features, (b, K) weights -> (b, D) float32.
 
-    With a `centroid` (D,), the variance-preserving mix ``c + sum_k w_k (v_k - c) / ||w||_2``.
+    With a `centroid` (D,), the variance-preserving mix ``c + s(w) sum_k w_k (v_k - c)`` with
+    ``s = variance_preserving_scale(w, pool_size)``; `pool_size` is the number of seeds the K
+    were drawn from when `centroid` is their mean (None: independent deviations, 1 / ||w||_2).
     einsum's own loops (no BLAS): the sum over K runs in a fixed order whatever the batch
     size or thread count, so a sample's mixed feature is bit-identical in every run.
     """
@@ -123,7 +148,7 @@ def mix_rows(features: np.ndarray, weights: np.ndarray, centroid: np.ndarray | N
     if centroid is None:
         return np.einsum("bk,bkd->bd", weights, features).astype(np.float32)
     c = np.asarray(centroid, dtype=np.float64)
-    scale = 1.0 / np.sqrt(np.einsum("bk,bk->b", weights, weights))  # 1 / ||w||_2, in [1, sqrt(K)]
+    scale = variance_preserving_scale(weights, pool_size)
     deviation = np.einsum("bk,bkd->bd", weights, features - c)
     return (c + deviation * scale[:, None]).astype(np.float32)
 

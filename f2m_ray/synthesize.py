@@ -625,7 +625,7 @@ class ShardSynthesizer:
         weights = np.stack([p.weights for p in plans])  # (b, K), each row on the grid, sum 1
         # Always a full decode batch (zero-padded): a sample's bytes must not depend on its batch-mates.
         mixed = np.zeros((spec["batch_size"], self.bank.feature_dim), dtype=np.float32)  # (B, D)
-        mixed[:b] = mix_rows(self.bank.features[rows], weights, self.centroids[category.name])
+        mixed[:b] = mix_rows(self.bank.features[rows], weights, self.centroids[category.name], len(pool))
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
             images = self.generator.decode(torch.from_numpy(mixed).to(self.device))  # (B, 1, 64, 64)
         pixels = to_uint8(images.float().cpu().numpy()[:, 0])  # (B, 64, 64) uint8, as stored

@@ -137,3 +137,34 @@ def test_line_and_barycentric_grids():
 def test_bad_step_refused(step):
     with pytest.raises(F2MError):
         mixing.grid_units(step)
+
+
+@pytest.mark.parametrize("pool_size", [10, 40])
+def test_variance_preserving_mix_keeps_the_spread_of_a_small_pool(pool_size):
+    """K = 20 of a pool of N (all N when N < 20) around the pool's own mean: the finite-pool factor keeps the spread."""
+    rng = np.random.default_rng(pool_size)
+    spreads = {"corrected": [], "plain": []}
+    single = []
+    for trial in range(40):  # many pools: the spread of one pool's 10 seeds is itself noisy
+        pool = rng.normal(size=(pool_size, 16))
+        centroid = pool.mean(axis=0)
+        plans = [mixing.plan_sample(trial, 3, i, pool_size) for i in range(200)]
+        rows = np.stack([pool[p.seed_positions] for p in plans])
+        weights = np.stack([p.weights for p in plans])
+        single.append(pool.var(axis=0, ddof=1).mean())
+        spreads["corrected"].append(mixing.mix_rows(rows, weights, centroid, pool_size).var(axis=0).mean())
+        spreads["plain"].append(mixing.mix_rows(rows, weights, centroid).var(axis=0).mean())
+    ratio = {k: np.sqrt(np.mean(v) / np.mean(single)) for k, v in spreads.items()}
+    assert 0.93 < ratio["corrected"] < 1.07, ratio
+    if pool_size == 10:  # every sample mixes the whole pool: 1/||w|| alone keeps about 0.67
+        assert ratio["plain"] < 0.8, ratio
+
+
+def test_variance_preserving_scale_edge_cases():
+    one_hot = np.eye(4)[[0, 2]]
+    np.testing.assert_allclose(mixing.variance_preserving_scale(one_hot, 10), [1.0, 1.0])
+    uniform = np.full((1, 4), 0.25)  # uniform weight on the whole pool of 4: the mix is the centroid
+    assert mixing.variance_preserving_scale(uniform, 4).tolist() == [1.0]
+    np.testing.assert_allclose(mixing.variance_preserving_scale(uniform), [2.0])  # 1 / ||w||_2
+    with pytest.raises(F2MError, match="pool of at least 2 seeds"):
+        mixing.variance_preserving_scale(one_hot, 1)
