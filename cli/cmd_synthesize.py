@@ -19,7 +19,7 @@ from f2m_ray_cli.main import cli
 @click.option("--bank", default=None, help="Feature bank [default: CKPT/feature_bank.parquet].")
 @click.option("--mixing", default=DEFAULT_SCHEME, show_default=True, type=click.Choice(list(SCHEMES)),
               help="How seeds combine: 'paper' = eq. 2 over K=20 (masses near the category mean), "
-                   "'variance-preserving' = same weights around the category centroid scaled by 1/||w||2, "
+                   "'variance-preserving' = same weights around the category centroid, rescaled to a single seed's spread, "
                    "'sparse' = eq. 2 over K=3.")
 @click.option("--k", "k", type=int, default=None, help="Seeds mixed per mass [default: the scheme's, 20 or 3].")
 @click.option("--step", type=float, default=0.05, show_default=True, help="Weight grid.")

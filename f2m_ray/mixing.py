@@ -169,7 +169,7 @@ SCHEMES: dict[str, Scheme] = {
     for s in (
         Scheme("paper", 20, 1.0, False, "eq. 2 as written: convex mix of K=20 seeds (paper 3.4)"),
         Scheme("variance-preserving", 20, 1.0, True,
-               "K=20 seeds, weights as the paper's, deviations from the category centroid scaled by 1/||w||2"),
+               "K=20 seeds, weights as the paper's, deviations from the category centroid rescaled to a single seed's spread"),
         Scheme("sparse", 3, 1.0, False, "convex mix of K=3 seeds"),
     )
 }
