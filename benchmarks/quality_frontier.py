@@ -81,12 +81,13 @@ def synthesize_once(model: str, scheme: str, n: int, out: str, categories: list[
     return out
 
 
-def category_figures(synthetic, real_all, heldout_mask: np.ndarray) -> dict[str, dict[str, float]]:
+def category_figures(images: np.ndarray, categories: np.ndarray, real_all, heldout_mask: np.ndarray) -> dict[str, dict[str, float]]:
+    """Spread and contrast ratios per category: (N, H, W) images with their (N,) category names vs held-out real."""
     real_category = np.array([f"{MARGINS[m]}-{SHAPES[s]}" for m, s in zip(real_all.margin, real_all.shape)])
     out = {}
-    for category in sorted(set(synthetic.category.tolist())):
+    for category in sorted(set(categories.tolist())):
         real = real_all.images[heldout_mask & (real_category == category)]
-        syn = synthetic.images[synthetic.category == category]
+        syn = images[categories == category]
         if len(real) < 2 or len(syn) < 2:
             continue
         out[category] = {"spread": pixel_spread(syn) / pixel_spread(real), "contrast": contrast(syn) / contrast(real)}
@@ -105,13 +106,7 @@ def reconstruction_figures(model: str, bank, real_all, heldout_mask: np.ndarray)
         decoded = generator.decode(torch.from_numpy(np.asarray(bank.features, dtype=np.float32))).numpy()[:, 0]
     images = to_uint8(decoded).astype(np.float32) / 127.5 - 1.0  # as stored: 8-bit
     names = np.array([f"{MARGINS[m]}-{SHAPES[s]}" for m, s in zip(bank.margin, bank.shape)])
-
-    class Arrays:  # the fields category_figures reads
-        pass
-
-    arrays = Arrays()
-    arrays.images, arrays.category = images, names
-    return category_figures(arrays, real_all, heldout_mask)
+    return category_figures(images, names, real_all, heldout_mask)
 
 
 def row_of(report: dict, per_category: dict[str, dict[str, float]]) -> dict[str, float | None]:
@@ -179,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
             gan_ids, _ = gan_training_ids(synthetic.manifest)
             report, _ = evaluate_arrays(synthetic, real_all, judge, config, {"real": args.real}, gan_train_ids=gan_ids)
             _, heldout_mask = split_real(real_all, synthetic.seed_ids, gan_ids, judge)
-            per_category = category_figures(synthetic, real_all, heldout_mask)
+            per_category = category_figures(synthetic.images, synthetic.category, real_all, heldout_mask)
             rows[scheme] = {**row_of(report, per_category), "categories": per_category}
             sets[scheme] = synthetic
             if "reconstruction" not in rows:

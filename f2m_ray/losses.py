@@ -81,8 +81,13 @@ def mix_generator_loss(
     shapes: torch.Tensor,
     cfg: LossConfig,
 ) -> dict[str, torch.Tensor]:
-    """G's terms on decoded mixes: pass D1 and D2 as real and show the category's labels (no L1: no target)."""
+    """G's terms without a target image (eq. 5 less L1): pass D1 and D2 as real and show the labels.
+
+    On decoded mixes as it is; ``generator_loss`` adds the L1 term to it for reconstructions.
+    """
+    # G: fool both discriminators (non-saturating)
     adversarial = _bce(margin_logit, 1.0) + _bce(shape_logit, 1.0)
+    # G: make its images show their margin and shape to D1 and D2
     labels = F.cross_entropy(margin_labels_logits.float(), margins) + F.cross_entropy(shape_labels_logits.float(), shapes)
     return {"total": adversarial + cfg.lambda_generator_labels * labels, "adversarial": adversarial, "labels": labels}
 
@@ -99,11 +104,7 @@ def generator_loss(
     cfg: LossConfig,
 ) -> dict[str, torch.Tensor]:
     """Eq. 5, to minimise: D1(I') and D2(I') on fake -> 1, labels kept, I' close to I."""
-    # G: fool both discriminators (non-saturating)
-    adversarial = _bce(margin_logit, 1.0) + _bce(shape_logit, 1.0)
-    # G: make I' show its margin and shape to D1 and D2
-    labels = F.cross_entropy(margin_labels_logits.float(), margins) + F.cross_entropy(shape_labels_logits.float(), shapes)
+    terms = mix_generator_loss(margin_logit, margin_labels_logits, shape_logit, shape_labels_logits, margins, shapes, cfg)
     # G: stay close to the input (forms the manifold around real masses)
     l1 = F.l1_loss(fake.float(), real.float())
-    total = adversarial + cfg.lambda_generator_labels * labels + cfg.lambda_l1 * l1
-    return {"total": total, "adversarial": adversarial, "labels": labels, "l1": l1}
+    return {**terms, "total": terms["total"] + cfg.lambda_l1 * l1, "l1": l1}

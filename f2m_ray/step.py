@@ -58,10 +58,9 @@ class Feature2MassStep:
         """The loss terms __call__ returns, in a fixed order."""
         return STEP_METRICS + (MIX_METRICS if self.loss.lambda_mix > 0 else ())
 
-    def _mix_plan(self, margins: torch.Tensor, shapes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows (M,), weights (M, B)): a Dirichlet(1) mix of same-category batch members for each
-        member with a partner in the batch and a category centroid already; None when there is none."""
-        categories = margins * len(SHAPES) + shapes
+    def _mix_plan(self, categories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows (M,), weights (M, B)) for (B,) category ids: a Dirichlet(1) mix of same-category batch
+        members for each member with a partner in the batch and a category centroid already; None when none."""
         if self.centroids is None:
             return None
         same = (categories[:, None] == categories[None, :]).cpu()  # (B, B)
@@ -69,14 +68,13 @@ class Feature2MassStep:
         rows = torch.nonzero(usable).squeeze(1)
         if len(rows) == 0:
             return None
-        draws = -torch.log(torch.rand(len(rows), len(margins), generator=self.mix_generator).clamp_min(1e-12))
+        draws = -torch.log(torch.rand(len(rows), len(categories), generator=self.mix_generator).clamp_min(1e-12))
         draws = draws * same[rows]  # exponentials on the row's category, normalised: Dirichlet(1)
         weights = draws / draws.sum(dim=1, keepdim=True)
-        return rows.to(margins.device), weights.to(margins.device)
+        return rows.to(categories.device), weights.to(categories.device)
 
-    def _update_centroids(self, features: torch.Tensor, margins: torch.Tensor, shapes: torch.Tensor) -> None:
+    def _update_centroids(self, features: torch.Tensor, categories: torch.Tensor) -> None:
         """Running mean feature per category (momentum 0.9) from this batch's detached features."""
-        categories = margins * len(SHAPES) + shapes
         n = len(MARGINS) * len(SHAPES)
         v = features.detach().float()
         if self.centroids is None:
@@ -103,15 +101,16 @@ class Feature2MassStep:
     def __call__(self, images: torch.Tensor, margins: torch.Tensor, shapes: torch.Tensor) -> dict[str, torch.Tensor]:
         """images (B, 1, H, W) in [-1, 1], margins/shapes (B,) -> detached loss terms."""
         mixing = self.loss.lambda_mix > 0
-        plan = self._mix_plan(margins, shapes) if mixing else None
+        categories = margins * len(SHAPES) + shapes  # Category.id of each member
+        plan = self._mix_plan(categories) if mixing else None
         with self._autocast():
             if not mixing:
                 fake = self.generator(images, margins, shapes)  # (B, 1, H, W)
             else:  # reconstructions, mixes (M, 1, H, W) and the batch's features in one pass
                 weights = plan[1] if plan is not None else torch.zeros(0, len(images), device=images.device)
-                centroids = self.centroids[margins * len(SHAPES) + shapes] if plan is not None else 0.0
+                centroids = self.centroids[categories] if plan is not None else 0.0
                 fake, fake_mix, features = self.generator(images, margins, shapes, mix=(weights, centroids))
-                self._update_centroids(features, margins, shapes)
+                self._update_centroids(features, categories)
 
             # D: real -> 1, fake -> 0, true labels on both (eq. 3, 4)
             real_m, real_m_labels = self.d_margin(self._seen(images))

@@ -277,17 +277,27 @@ def test_progress_printer_lines():
     assert [line.split()[3] for line in lines] == ["0/100", "30/100", "50/100", "80/100", "100/100"]
 
 
-def test_usefulness_on_ray_tasks_matches_in_process(ray_local):
+def _seen_and_heldout():
+    """The real phantoms of CATEGORIES as (training split, held-out split) LabeledArrays."""
     ids, images, categories, splits = real_phantoms()
     rows = [i for i, c in enumerate(categories) if c in CATEGORIES]
     real = judge_module.LabeledArrays(
         np.array(ids)[rows], to_model_range(images[rows]), np.array([categories[i].margin_id for i in rows]),
         np.array([categories[i].shape_id for i in rows]), np.array(splits)[rows])
-    seen, heldout = real.where_split("train"), real.where_split("val")
-    fresh = list(generate_phantoms(30, 7, CATEGORIES))
-    synthetic = evaluate_module.SyntheticArrays(
+    return real.where_split("train"), real.where_split("val")
+
+
+def _phantom_arrays(n: int, seed: int):
+    """Fresh phantoms standing in for a synthetic dataset."""
+    fresh = list(generate_phantoms(n, seed, CATEGORIES))
+    return evaluate_module.SyntheticArrays(
         to_model_range(np.stack([im for _, im, _ in fresh])), np.array([c.margin_id for *_, c in fresh]),
         np.array([c.shape_id for *_, c in fresh]), np.array([c.name for *_, c in fresh]), set(), {})
+
+
+def test_usefulness_on_ray_tasks_matches_in_process(ray_local):
+    seen, heldout = _seen_and_heldout()
+    synthetic = _phantom_arrays(30, 7)
     config = evaluate_module.EvaluateConfig(usefulness_real=10, usefulness_synthetic=20, usefulness_steps=3)
     args = (TINY, judge_module.JudgeTrainConfig(batch_size=8), seen, heldout, synthetic, config, 0)
     local = usefulness_module.usefulness(*args, runner=usefulness_module.run_in_process)
@@ -300,20 +310,8 @@ def test_usefulness_on_ray_tasks_matches_in_process(ray_local):
 
 
 def test_scarce_protocol_arms_seeds_and_deltas(ray_local):
-    ids, images, categories, splits = real_phantoms()
-    rows = [i for i, c in enumerate(categories) if c in CATEGORIES]
-    real = judge_module.LabeledArrays(
-        np.array(ids)[rows], to_model_range(images[rows]), np.array([categories[i].margin_id for i in rows]),
-        np.array([categories[i].shape_id for i in rows]), np.array(splits)[rows])
-    seen, heldout = real.where_split("train"), real.where_split("val")
-
-    def arrays(n, seed):
-        fresh = list(generate_phantoms(n, seed, CATEGORIES))
-        return evaluate_module.SyntheticArrays(
-            to_model_range(np.stack([im for _, im, _ in fresh])), np.array([c.margin_id for *_, c in fresh]),
-            np.array([c.shape_id for *_, c in fresh]), np.array([c.name for *_, c in fresh]), set(), {})
-
-    sets = {"a": arrays(30, 7), "b": arrays(24, 8)}
+    seen, heldout = _seen_and_heldout()
+    sets = {"a": _phantom_arrays(30, 7), "b": _phantom_arrays(24, 8)}
     kwargs = dict(real=10, synthetic=20, steps=3, seeds=3, seed=0)
     args = (TINY, judge_module.JudgeTrainConfig(batch_size=8), seen, heldout, sets)
     local = usefulness_module.scarce_usefulness(*args, **kwargs, runner=usefulness_module.run_in_process)
