@@ -47,6 +47,9 @@ def _register() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from f2m_ray.runtime import own_console
+
+    own_console()
     _register()
     cli.main(args=argv, prog_name="f2m-ray", standalone_mode=True)
 

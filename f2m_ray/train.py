@@ -38,6 +38,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
@@ -51,15 +52,18 @@ from f2m_ray.config import Preset, TrainConfig, get_preset, load_config_file
 from f2m_ray.errors import F2MError
 from f2m_ray.labels import MARGINS, SHAPES, Category
 from f2m_ray.networks import build_networks
+from f2m_ray.runtime import quiet_train_reports
 from f2m_ray.step import Feature2MassStep, make_optimizers, to_model_batch, unwrap
 from f2m_ray.storage import arrow_filesystem, filesystem, is_remote, join
 from f2m_ray.train_report import (
     LOSS_CURVE_FILE,
     SAMPLES_DIR,
     format_epoch_line,
+    format_restart_line,
     loss_curve_png,
     read_metrics,
     sample_grid_png,
+    start_event,
     write_bytes,
     write_metrics,
 )
@@ -320,6 +324,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     worker_start = time.time()
+    quiet_train_reports()
     # Ray's prepare_model warns that broadcast_buffers is deprecated in favour of
     # forward_sync_buffers, which would still sync buffers at init; we mean broadcast_buffers=False.
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
@@ -368,7 +373,10 @@ def _train_worker(config: dict[str, Any]) -> None:
     history: list[dict] = []
     if rank == 0:
         # Epochs after the checkpoint we resume from were logged by an attempt that died: drop them.
-        history = [row for row in read_metrics(run_dir) if row.get("epoch", 0) <= start_epoch]
+        logged = read_metrics(run_dir, events=True)
+        history = [row for row in logged if row.get("epoch", 0) <= start_epoch]  # start/restart rows stay
+        history.append(start_event(logged, config["session"], start_epoch, config["max_failures"], time.time()))
+        write_metrics(run_dir, history)
     samples = config["samples"]
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -430,7 +438,8 @@ def _train_worker(config: dict[str, Any]) -> None:
                 metrics["time"] = time.time()
                 history.append(metrics)
                 write_metrics(run_dir, history)
-                write_bytes(join(run_dir, LOSS_CURVE_FILE), loss_curve_png(history, config["chance"]))
+                epochs_so_far = [row for row in history if "epoch" in row]
+                write_bytes(join(run_dir, LOSS_CURVE_FILE), loss_curve_png(epochs_so_far, config["chance"]))
                 if save_now:
                     save_checkpoint(
                         local_dir, preset, generator, d_margin, d_shape, epoch, step,
@@ -660,8 +669,10 @@ class _MetricsTail:
     and also appear under `ray job submit`, wherever the workers run.
     """
 
-    def __init__(self, run_dir: str, total_epochs: int, after_epoch: int, echo: Callable[[str], None]):
+    def __init__(self, run_dir: str, total_epochs: int, after_epoch: int, echo: Callable[[str], None],
+                 session: str = ""):
         self.run_dir, self.total_epochs, self.last_epoch, self.echo = run_dir, total_epochs, after_epoch, echo
+        self.session, self.restarts_seen = session, 0
         self.first_epoch_start: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -681,11 +692,20 @@ class _MetricsTail:
 
     def poll(self) -> None:
         try:
-            rows = read_metrics(self.run_dir)
+            rows = read_metrics(self.run_dir, events=True)
         except Exception:  # a half-written file or a transient S3 error: try again next second
             return
+        restarts = [r for r in rows if r.get("event") == "restart" and r.get("session") == self.session]
+        for event in restarts[self.restarts_seen:]:
+            self.echo(format_restart_line(event))
+            self.last_epoch = min(self.last_epoch, int(event["from_epoch"]))  # the epochs after it run again
+        self.restarts_seen = len(restarts)
+        if restarts:  # epochs logged by the attempt that died, before its restart row, are not news
+            rows = rows[max(i for i, r in enumerate(rows) if r is restarts[-1]):]
         for row in rows:
-            epoch = row.get("epoch", 0)
+            if "epoch" not in row:
+                continue
+            epoch = row["epoch"]
             if epoch > self.last_epoch:
                 if self.first_epoch_start is None:
                     self.first_epoch_start = row.get("epoch_start_time")
@@ -811,6 +831,8 @@ def train(
         "samples": data.samples,
         "chance": data.chance,
         "shuffle_buffer": max(per_worker, min(2048, data.train_rows // workers)),
+        "session": uuid.uuid4().hex,  # tells a restart of this call's workers from an earlier call's start
+        "max_failures": options.max_failures,
     }
     resources_per_worker = {"CPU": cpu_per_worker(use_gpu)}
     if use_gpu:
@@ -833,14 +855,19 @@ def train(
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     fit_start = time.time()
-    with _MetricsTail(run_dir, cfg.epochs, start_epoch, echo) as tail:
+    with _MetricsTail(run_dir, cfg.epochs, start_epoch, echo, worker_config["session"]) as tail:
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as err:
             inner = _unwrap_training_error(err)
             if isinstance(inner, F2MError):
                 raise F2MError(str(inner)) from None
-            raise F2MError(f"training failed: {type(inner).__name__}: {_first_line(inner)}") from None
+            _fresh_listing(run_dir)
+            last = existing_checkpoint(run_dir)
+            where = (f"the last checkpoint is {last['path']} (epoch {last['epoch']}): the same command resumes from it"
+                     if last else "no checkpoint was written")
+            raise F2MError(f"training failed after {tail.restarts_seen} of {options.max_failures} restarts: "
+                           f"{type(inner).__name__}: {_first_line(inner)}; {where}") from None
     startup = (tail.first_epoch_start - fit_start) if tail.first_epoch_start else None
     _fresh_listing(run_dir)
     final = find_checkpoint(run_dir)

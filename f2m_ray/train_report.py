@@ -49,8 +49,12 @@ def metrics_path(run_dir: str) -> str:
     return join(run_dir, METRICS_FILE)
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    """The run's per-epoch metrics so far ([] when there are none)."""
+def read_metrics(run_dir: str, events: bool = False) -> list[dict]:
+    """The run's per-epoch metrics so far ([] when there are none).
+
+    ``events=True`` also returns the rows that record a start or a restart of the worker
+    group (``{"event": ...}``, no ``epoch``), in file order.
+    """
     fs, path = filesystem(metrics_path(run_dir))
     try:
         with fs.open(path, "r") as f:
@@ -65,7 +69,32 @@ def read_metrics(run_dir: str) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a torn last line from a killed writer: the next rewrite drops it
-    return rows
+    return rows if events else [row for row in rows if "epoch" in row]
+
+
+def start_event(rows: Sequence[dict], session: str, from_epoch: int, max_failures: int, now: float) -> dict:
+    """The row rank 0 logs when the worker group starts: the first start of a `train` call
+    (its `session`), or a restart after a lost worker, counted within that call."""
+    starts = [r for r in rows if r.get("session") == session and r.get("event") in ("start", "restart")]
+    if not starts:
+        return {"event": "start", "session": session, "from_epoch": from_epoch, "time": now}
+    logged = [int(r["epoch"]) for r in rows if "epoch" in r]
+    return {
+        "event": "restart",
+        "session": session,
+        "lost_at_epoch": max(logged, default=from_epoch) + 1,
+        "from_epoch": from_epoch,
+        "restarts_used": len(starts),
+        "max_failures": max_failures,
+        "time": now,
+    }
+
+
+def format_restart_line(event: dict) -> str:
+    """``worker lost at epoch 7: restarting from checkpoint epoch 5, 1 of 2 restarts used``."""
+    origin = f"checkpoint epoch {event['from_epoch']}" if event["from_epoch"] else "the start (no checkpoint yet)"
+    return (f"worker lost at epoch {event['lost_at_epoch']}: restarting from {origin}, "
+            f"{event['restarts_used']} of {event['max_failures']} restarts used")
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -302,3 +302,67 @@ def test_relative_paths_mean_the_folder_the_command_ran_in(tmp_path, monkeypatch
     assert options.run_dir == str(tmp_path / "runs" / "demo") and options.data == str(tmp_path / "rois" / "labels.csv")
     _, options = resolve_run(None, "tiny", run_overrides={"storage": "s3://bucket/runs", "name": "d", "data": "phantom:50"})
     assert options.run_dir == "s3://bucket/runs/d" and options.data == "phantom:50"
+
+
+# ---------------------------------------------------------------- a lost worker, from the console
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc: Ray's workers are children of the raylet the driver started)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.ray
+def test_a_killed_worker_restarts_from_its_checkpoint_and_says_so(tmp_path):
+    import os
+    import re
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "f2m_ray_cli", "train", "--preset", "tiny", "--data", "phantom:200",
+               "--epochs", "6", "--checkpoint-every", "1", "--storage", "runs", "--name", "lost", "--no-bank"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = str(tmp_path / "runs" / "lost")
+    try:
+        deadline = time.time() + 240
+        while not any(r["epoch"] >= 2 for r in read_metrics(run_dir)):
+            assert proc.poll() is None and time.time() < deadline, "training ended or stalled before epoch 2"
+            time.sleep(0.1)
+        workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in _command_line(p)]
+        assert len(workers) == 2, [_command_line(p) for p in _descendants(proc.pid)]
+        os.kill(workers[1], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    restart = re.findall(r"^worker lost at epoch (\d+): restarting from checkpoint epoch (\d+), 1 of 2 restarts used$",
+                         output, flags=re.M)
+    assert len(restart) == 1, output
+    lost_at, resumed_from = map(int, restart[0])
+    assert 1 <= resumed_from < lost_at <= 6  # epoch 2 may be logged before its checkpoint lands
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]  # each once, the re-run ones replaced
+    events = [r for r in read_metrics(run_dir, events=True) if "event" in r]
+    assert [e["event"] for e in events] == ["start", "restart"]
+    assert (events[1]["lost_at_epoch"], events[1]["from_epoch"], events[1]["restarts_used"]) == (lost_at, resumed_from, 1)
+    assert "epoch    6/6" in output and "core_worker.cc" not in output, output
