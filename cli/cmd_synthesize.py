@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from f2m_ray.mixing import DEFAULT_SCHEME, SCHEMES
+from f2m_ray.pretrained import DEFAULT_OUT
 from f2m_ray_cli.main import cli
 
 
@@ -13,10 +14,16 @@ from f2m_ray_cli.main import cli
               help="MARGIN-SHAPE (e.g. spiculated-irregular), repeatable; 'all' = every category in the bank "
                    "with 2 or more seeds.")
 @click.option("--n", "n", type=int, required=True, help="Masses per category.")
-@click.option("--out", required=True, help="Output folder: a local path or s3://bucket/prefix.")
+@click.option("--out", default=DEFAULT_OUT, show_default=True,
+              help="Output folder: a local path or s3://bucket/prefix.")
 @click.option("--model", default=None, metavar="CKPT",
-              help="Checkpoint dir or run folder (latest checkpoint) [default: the bank's checkpoint].")
+              help="Checkpoint dir, run folder (its latest checkpoint), or 'pretrained' (the shipped model) "
+                   "[default: the bank's checkpoint with --bank, else the newest finished run under --storage, "
+                   "else the shipped model].")
 @click.option("--bank", default=None, help="Feature bank [default: CKPT/feature_bank.parquet].")
+@click.option("--storage", default=None, metavar="PATH|s3://...",
+              help="Where `f2m-ray train` put its runs, searched for the newest finished one "
+                   "[default: $F2M_STORAGE, else ./f2m-runs].")
 @click.option("--mixing", default=DEFAULT_SCHEME, show_default=True, type=click.Choice(list(SCHEMES)),
               help="How seeds combine: 'paper' = eq. 2 over K=20 (masses near the category mean), "
                    "'variance-preserving' = same weights around the category centroid, rescaled to a single seed's spread, "
@@ -45,14 +52,14 @@ from f2m_ray_cli.main import cli
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in --out, keeping its finished files.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing synthetic dataset in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved run and exit.")
-def synthesize(categories, n, out, model, bank, mixing, k, step, alpha, seed, rows_per_file, batch_size, seed_split,
+def synthesize(categories, n, out, model, bank, storage, mixing, k, step, alpha, seed, rows_per_file, batch_size, seed_split,
                workers, judge, min_label_confidence, min_seed_distance, max_attempts, resume, overwrite,
                dry_run) -> None:
     """Mix K same-category bank features per mass, decode, and write N masses per category."""
     from f2m_ray import synthesize as synthesis
 
     config = synthesis.SynthesisConfig(
-        categories=tuple(categories), n=n, out=out, model=model, bank=bank, mixing=mixing, k=k, step=step, alpha=alpha,
+        categories=tuple(categories), n=n, out=out, model=model, bank=bank, storage=storage, mixing=mixing, k=k, step=step, alpha=alpha,
         seed=seed, rows_per_file=rows_per_file, batch_size=batch_size, seed_split=seed_split,
         workers=workers, resume=resume, overwrite=overwrite, judge=judge,
         min_label_confidence=min_label_confidence, min_seed_distance=min_seed_distance, max_attempts=max_attempts,

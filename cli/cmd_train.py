@@ -19,7 +19,7 @@ from f2m_ray_cli.main import cli
 @click.option("--batch-size", type=int, default=None, help="Global batch, split over the workers.")
 @click.option("--seed", type=int, default=None, help="Seeds the data split, initial weights and augmentation.")
 @click.option("--storage", default=None, metavar="PATH|s3://...",
-              help="Where run folders go [default: ./f2m-runs]; S3 endpoint from AWS_ENDPOINT_URL.")
+              help="Where run folders go [default: $F2M_STORAGE, else ./f2m-runs]; S3 endpoint from AWS_ENDPOINT_URL.")
 @click.option("--name", default=None, help="Run name; the same --name and --storage resume the run "
               "[default: PRESET-DATE-TIME].")
 @click.option("--checkpoint-every", type=int, default=None, help="Epochs between checkpoints.")

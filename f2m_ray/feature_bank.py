@@ -252,11 +252,14 @@ def build_feature_bank(
     seed: int = 0,
     val_fraction: float | None = None,
     workers: int | None = None,
+    stored_checkpoint: str | None = None,
 ) -> str:
     """Encode every labeled ROI of `data` with the checkpoint's generator; write the bank.
 
     `seed` and `val_fraction` (default: the checkpoint's) must be those of training so
     that the stored split matches. Returns the bank's path (default: beside the checkpoint).
+    The bank names its checkpoint (`synthesize --bank` alone finds the model through it):
+    its path, or `stored_checkpoint` (``pretrained:NAME`` for a shipped model).
     """
     import ray
 
@@ -309,7 +312,7 @@ def build_feature_bank(
         features=np.asarray(columns["feature"], dtype=np.float32),
         model_id=str(meta["model_id"]),
         info={
-            "checkpoint": path,
+            "checkpoint": stored_checkpoint or path,
             "preset": meta["preset"]["name"],
             "data": data,
             "data_description": source.description,

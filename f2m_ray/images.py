@@ -5,8 +5,8 @@ their Ray Data workers.
 
 Formats
     PNG, JPEG, TIFF (8 or 16 bit; colour is converted to grey) through Pillow, and DICOM
-    through pydicom (uncompressed transfer syntaxes, or compressed ones where a pydicom
-    decoder plugin is installed). Bytes are read as DICOM when they carry the ``DICM``
+    through pydicom (uncompressed, RLE and deflated transfer syntaxes; JPEG baseline, extended
+    and lossless, JPEG-LS and JPEG 2000 with the ``dicom`` extra, ``DICOM_EXTRA``). Bytes are read as DICOM when they carry the ``DICM``
     marker at offset 128 or the file name ends in ``.dcm``/``.dicom``. MONOCHROME1 DICOM
     (0 = white) is inverted so that dense tissue is bright, as in MONOCHROME2.
 
@@ -60,6 +60,7 @@ DEFAULT_MASK_MARGIN = 0.2
 MISSING_FILE = "missing file"
 UNREADABLE_DICOM = "unreadable DICOM (truncated or corrupt)"
 NOT_AN_IMAGE = "not an image (or a truncated one)"
+DICOM_EXTRA = "pip install 'f2m-ray[dicom]'"  # pylibjpeg (libjpeg, openjpeg) and pyjpegls
 EMPTY_MASK = "empty ROI mask"
 MASK_SIZE_MISMATCH = "ROI mask and full image differ in size"
 ONLY_MASKS = "no cropped image found (only ROI masks)"
@@ -120,6 +121,21 @@ def _decode_pillow(raw: bytes) -> Pixels:
     return Pixels(np.asarray(img, dtype=np.uint8), 8)
 
 
+def decoder_available(syntax) -> bool:
+    """Whether pydicom has a working decoder plugin for a transfer syntax (pydicom >= 3; else False)."""
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(syntax).is_available)
+    except Exception:  # pydicom 2, or a syntax pydicom has no decoder for at all
+        return False
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def _decode_dicom(raw: bytes) -> Pixels:
     import pydicom
 
@@ -132,19 +148,21 @@ def _decode_dicom(raw: bytes) -> Pixels:
         try:
             arr = ds.pixel_array
         except (RuntimeError, NotImplementedError) as err:
-            if syntax is not None and syntax.is_compressed:
-                # A decoder plugin (pylibjpeg, gdcm) is missing: a per-file problem with its own reason.
-                raise ImageProblem(f"compressed DICOM ({syntax.name}) needs a pydicom decoder plugin") from None
-            raise ImageProblem(UNREADABLE_DICOM, str(err)) from None
+            if syntax is not None and syntax.is_compressed and not decoder_available(syntax):
+                # No decoder plugin for this syntax: a per-file problem with its own reason and its fix.
+                raise ImageProblem(f"compressed DICOM ({syntax.name}) needs a decoder: {DICOM_EXTRA}") from None
+            raise ImageProblem(UNREADABLE_DICOM, _first_line(err)) from None
         bits = int(ds.get("BitsStored", 0) or 0) or 8 * arr.dtype.itemsize
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     except ImageProblem:
         raise
     except Exception as err:  # pydicom raises many types for truncated/corrupt files
         raise ImageProblem(UNREADABLE_DICOM, f"{type(err).__name__}: {err}") from None
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:  # multi-frame: mammography ROIs are single images; keep the first
+        arr = arr[0]
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and photometric.startswith(("RGB", "YBR")):
-        arr = arr[..., :3].mean(axis=-1)
-    elif arr.ndim == 3:  # multi-frame: mammography ROIs are single images; keep the first frame
+        arr = arr[..., :3].mean(axis=-1)  # pydicom gives YBR as RGB
+    elif arr.ndim == 3:  # frames without a NumberOfFrames
         arr = arr[0]
     if arr.ndim != 2:
         raise ImageProblem(UNREADABLE_DICOM, f"pixel array of shape {arr.shape}")

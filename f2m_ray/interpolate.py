@@ -38,7 +38,7 @@ def interpolate(model: str, seeds: list[str], steps: int = 8, bank: str | None =
     """Decode the line (2 seeds) or barycentric triangle (3 seeds) between bank features."""
     import torch
 
-    from f2m_ray.checkpoint import find_checkpoint, load_checkpoint
+    from f2m_ray.checkpoint import find_checkpoint, load_generator
     from f2m_ray.feature_bank import default_bank_path, load_feature_bank
     from f2m_ray.mixing import barycentric_grid, line_weights, mix
 
@@ -47,17 +47,17 @@ def interpolate(model: str, seeds: list[str], steps: int = 8, bank: str | None =
         raise F2MError(f"--seeds takes 2 roi ids (a line, Fig. 3) or 3 (a triangle, Fig. 4), got {len(seeds)}")
     if len(set(seeds)) != len(seeds):
         raise F2MError(f"--seeds repeats a roi id: {','.join(seeds)}")
-    checkpoint = load_checkpoint(find_checkpoint(model))
-    feature_bank = load_feature_bank(bank or default_bank_path(checkpoint.path), with_images=True)
-    if feature_bank.model_id != checkpoint.model_id:
+    checkpoint = find_checkpoint(model)
+    generator, meta = load_generator(checkpoint, "cpu")
+    feature_bank = load_feature_bank(bank or default_bank_path(checkpoint), with_images=True)
+    if feature_bank.model_id != meta["model_id"]:
         raise F2MError(
             f"the bank {feature_bank.path} was encoded by model {feature_bank.model_id}, "
-            f"not by {checkpoint.path} (model {checkpoint.model_id})"
+            f"not by {checkpoint} (model {meta['model_id']})"
         )
     rows = [feature_bank.row_of(s) for s in seeds]
     weights = line_weights(steps) if len(seeds) == 2 else barycentric_grid(steps)  # (M, S)
     mixed = mix(feature_bank.features[rows], weights)  # (M, D)
-    generator = checkpoint.generator("cpu")
     with torch.inference_mode():
         decoded = generator.decode(torch.from_numpy(mixed)).numpy()[:, 0]  # (M, 64, 64) in [-1, 1]
     return Interpolation(

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from f2m_ray import __version__
+from f2m_ray.dataset_card import CARD_NAME, card_text, is_our_card
 from f2m_ray.errors import F2MError
 from f2m_ray.feature_bank import (
     SEED_SPLITS,
@@ -49,7 +50,9 @@ from f2m_ray.feature_bank import (
 )
 from f2m_ray.labels import Category, UnknownLabelError, parse_category
 from f2m_ray.mixing import DEFAULT_SCHEME, mix_rows, scheme
+from f2m_ray.pretrained import DEFAULT_OUT
 from f2m_ray.schema import (
+    HF_FEATURES,
     MANIFEST_NAME,
     SCHEMA_VERSION,
     SYNTHETIC_SCHEMA,
@@ -75,9 +78,10 @@ class SynthesisConfig:
 
     categories: tuple[str, ...]  # category names (any accepted spelling) or ("all",)
     n: int  # masses per category
-    out: str  # output folder, local or s3://
-    model: str | None = None  # checkpoint (dir or run folder); default: the bank's checkpoint
+    out: str = DEFAULT_OUT  # output folder, local or s3://
+    model: str | None = None  # checkpoint (dir or run folder) or "pretrained[:NAME]"; default: see resolve()
     bank: str | None = None  # feature bank; default: <checkpoint>/feature_bank.parquet
+    storage: str | None = None  # where to look for the newest finished run (f2m_ray.pretrained.default_storage)
     mixing: str = DEFAULT_SCHEME  # mixing scheme (f2m_ray.mixing.SCHEMES)
     k: int | None = None  # seeds mixed per sample; default: the scheme's (paper 3.4: 20)
     step: float = 0.05  # weight grid (paper 3.4)
@@ -131,6 +135,7 @@ class ResolvedRun:
     notes: tuple[str, ...]  # things the user should know (fewer seeds than K, ...)
     judge_path: str | None = None
     judge_id: str | None = None
+    model_source: str = "named by --model"  # how the model was chosen (printed with it)
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything the output's bytes depend on: resume refuses a run that differs."""
@@ -165,7 +170,7 @@ class ResolvedRun:
     def describe(self) -> list[str]:
         c = self.config
         lines = [
-            f"model       {self.checkpoint}  (id {self.model_id}, preset {self.preset.get('name')})",
+            f"model       {self.checkpoint}  (id {self.model_id}, preset {self.preset.get('name')}; {self.model_source})",
             f"bank        {self.bank_path}  (id {self.bank_id}, seeds from {c.seed_split} ROIs)",
             f"out         {c.out}",
             f"mixing      {c.mixing}: {scheme(c.mixing).summary}",
@@ -319,20 +324,25 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
     """Validate a run without starting Ray: paths, model, bank, categories, shards."""
     from f2m_ray.checkpoint import find_checkpoint, read_metadata
 
+    from f2m_ray.pretrained import default_model, named_model
+
     c = config = with_scheme_defaults(config)
     _check_numbers(c)
-    for path, what in ((c.out, "output"), (c.model, "model"), (c.bank, "feature bank"), (c.judge, "judge")):
+    model, model_source = (named_model(c.model), "named by --model") if c.model else (None, "named by the bank")
+    for path, what in ((c.out, "output"), (model, "model"), (c.bank, "feature bank"), (c.judge, "judge")):
         if path:
             probe_storage(path, what)
-    if not c.model and not c.bank:
-        raise F2MError("name the model (--model CKPT) or its feature bank (--bank BANK)")
-    checkpoint = absolute(find_checkpoint(c.model)) if c.model else None
+    if not model and not c.bank:
+        choice = default_model(c.storage)  # the newest finished run, else the shipped model
+        model, model_source = choice.checkpoint, choice.why
+    checkpoint = absolute(find_checkpoint(model)) if model else None
     bank_path = absolute(c.bank or default_bank_path(checkpoint))
     bank = load_feature_bank(bank_path)
     if checkpoint is None:
         checkpoint = bank.metadata.get("checkpoint")
         if not checkpoint:
             raise F2MError(f"the bank {bank_path} does not name its checkpoint; pass --model CKPT")
+        checkpoint = named_model(checkpoint)
         probe_storage(checkpoint, "model")
         checkpoint = absolute(find_checkpoint(checkpoint))
     meta = read_metadata(checkpoint)
@@ -394,6 +404,7 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
         notes=tuple(notes),
         judge_path=judge_path,
         judge_id=judge_id,
+        model_source=model_source,
     )
 
 
@@ -433,7 +444,7 @@ def prepare_output(run: ResolvedRun) -> dict[str, int]:
             )
         if not _is_synthetic_run(fs, root, files):
             raise F2MError(f"output {c.out} is not empty and is not an f2m-ray synthetic dataset; refusing to overwrite it")
-        foreign = sorted(name for name in files if not _dataset_file(name))
+        foreign = sorted(name for name in files if not _dataset_file(name) or (name == CARD_NAME and not _our_card(fs, root)))
         if foreign:
             raise F2MError(f"output {c.out} also holds {len(foreign)} files that are not part of a synthetic dataset "
                            f"(e.g. {foreign[0]}); refusing to overwrite it: move them or use another --out")
@@ -461,19 +472,28 @@ def prepare_output(run: ResolvedRun) -> dict[str, int]:
         "arguments": _arguments(run),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_json(c.out, RUN_NAME, record)
+    _write_file(c.out, RUN_NAME, json.dumps(record, indent=2).encode())
     return {name: size for name, size in files.items() if name in expected and size > 0}
 
 
 def _dataset_file(name: str) -> bool:
-    """Whether a path under --out is one a synthetic run writes: its JSON files, CATEGORY/part-*.parquet, temp files."""
-    if name in (RUN_NAME, MANIFEST_NAME):
+    """Whether a path under --out is one a synthetic run writes: its JSON files and card, CATEGORY/part-*.parquet, temp files."""
+    if name in (RUN_NAME, MANIFEST_NAME, CARD_NAME):
         return True
     parts = name.split("/")
     if len(parts) != 2:
         return False
     base = parts[1]
     return (base.startswith("part-") and base.endswith(".parquet")) or (base.startswith(".") and ".tmp-" in base)
+
+
+def _our_card(fs, root: str) -> bool:
+    """Whether OUT/README.md is the dataset card a run wrote (not a user's own README)."""
+    try:
+        with fs.open(join(root, CARD_NAME), "r", encoding="utf-8") as f:
+            return is_our_card(f.read())
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _is_synthetic_run(fs, root: str, files: dict[str, int]) -> bool:
@@ -971,6 +991,7 @@ def synthesize(
     report = report or (lambda line: None)
     run = resolve(config)
     finished = prepare_output(run)
+    report(f"model: {run.checkpoint} (id {run.model_id}; {run.model_source})")
     for note in run.notes:
         report(f"note: {note}")
     files = {
@@ -1062,7 +1083,10 @@ def write_manifest(run: ResolvedRun, files: list[dict[str, Any]], seconds: float
         "fingerprint": run.fingerprint(),
         "files": files,
     }
-    _write_json(run.config.out, MANIFEST_NAME, manifest)
+    fs, root = filesystem(run.config.out)
+    if not fs.exists(join(root, CARD_NAME)) or _our_card(fs, root):  # never over a user's own README.md
+        _write_file(run.config.out, CARD_NAME, card_text(manifest, HF_FEATURES).encode())
+    _write_file(run.config.out, MANIFEST_NAME, json.dumps(manifest, indent=2).encode())  # last: the dataset is finished
     return join(run.config.out, MANIFEST_NAME)
 
 
@@ -1073,12 +1097,11 @@ def guard_summary(counts: list[dict[str, int]]) -> dict[str, Any]:
     return total
 
 
-def _write_json(out: str, name: str, content: dict[str, Any]) -> None:
+def _write_file(out: str, name: str, data: bytes) -> None:
     """Write OUT/NAME whole or not at all (temp file + rename locally; one PUT on S3)."""
     import os
     import uuid
 
-    data = json.dumps(content, indent=2).encode()
     try:
         if is_remote(out):
             fs, root = filesystem(out)

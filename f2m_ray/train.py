@@ -52,6 +52,7 @@ from f2m_ray.config import Preset, TrainConfig, get_preset, load_config_file
 from f2m_ray.errors import F2MError
 from f2m_ray.labels import MARGINS, SHAPES, Category
 from f2m_ray.networks import build_networks
+from f2m_ray.pretrained import DEFAULT_STORAGE, default_storage
 from f2m_ray.runtime import quiet_train_reports
 from f2m_ray.step import Feature2MassStep, make_optimizers, to_model_batch, unwrap
 from f2m_ray.storage import arrow_filesystem, filesystem, is_remote, join
@@ -96,7 +97,7 @@ class RunOptions:
     data_format: str = "auto"  # passed to f2m_ray.readers.read_labeled
     workers: int | None = None  # training workers; None: one per GPU, else 2 CPU workers
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
-    storage: str = "f2m-runs"  # local folder or s3:// URL; the run folder is storage/name
+    storage: str = DEFAULT_STORAGE  # local folder or s3:// URL; the run folder is storage/name
     name: str = ""  # run name; the same name and storage resume the run ("" = preset + time)
     max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
     feature_bank: bool = True  # build the feature bank beside the final checkpoint
@@ -157,6 +158,7 @@ def resolve_run(
     if preset.loss.lambda_mix < 0:
         raise F2MError(f"--mix-weight (lambda_mix) must be >= 0, got {preset.loss.lambda_mix}")
     run_values = {**file_data.get("run", {}), **{k: v for k, v in (run_overrides or {}).items() if v is not None}}
+    run_values.setdefault("storage", default_storage())  # $F2M_STORAGE, else ./f2m-runs
     known = {f.name for f in fields(RunOptions)}
     bad = sorted(set(run_values) - known)
     if bad:

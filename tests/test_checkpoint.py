@@ -119,3 +119,32 @@ def test_pickled_object_is_not_executed(saved, tmp_path):
     with pytest.raises(F2MError, match="corrupt checkpoint"):
         checkpoint.load_generator(str(run / "checkpoint_000001"))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_float16_export_decodes_within_a_grey_level_and_names_itself(saved, tmp_path):
+    import numpy as np
+
+    from f2m_ray.schema import to_uint8
+
+    run, _ = saved
+    source = str(run / "checkpoint_000003")
+    out = checkpoint.export_generator(source, str(tmp_path / "export"), "float16", note={"recipe": "r"})
+    stored = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    assert set(stored) == {"generator"}
+    assert {t.dtype for t in stored["generator"].values() if t.is_floating_point()} == {torch.float16}
+    full = os.path.getsize(os.path.join(source, "model.pt"))
+    assert os.path.getsize(os.path.join(out, "model.pt")) < 0.5 * full  # no discriminators, half-width weights
+    exported, meta = checkpoint.load_generator(out)
+    original, source_meta = checkpoint.load_generator(source)
+    assert next(exported.parameters()).dtype == torch.float32
+    assert meta["export"] == {"from_model_id": source_meta["model_id"], "weights_dtype": "float16",
+                              "contents": "generator", "recipe": "r"}
+    assert meta["model_id"] == checkpoint.model_id(exported.state_dict()) != source_meta["model_id"]
+    v = torch.randn(16, 64)
+    with torch.no_grad():
+        a, b = (to_uint8(g.decode(v).numpy()).astype(np.int16) for g in (original, exported))
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.05
+    with pytest.raises(F2MError, match="synthesis-only export .* cannot resume from it"):
+        checkpoint.load_checkpoint(out)
+    with pytest.raises(F2MError, match="export dtype must be"):
+        checkpoint.export_generator(source, str(tmp_path / "bad"), "int8")

@@ -83,20 +83,35 @@ def test_truncated_dicom_and_non_image_are_named_problems(tmp_path):
     assert info.value.reason == images.NOT_AN_IMAGE
 
 
-def test_compressed_dicom_without_a_decoder_names_its_syntax(tmp_path):
+def _broken_jpeg2000(path) -> bytes:
     import pydicom
     from pydicom.encaps import encapsulate
     from pydicom.uid import JPEG2000Lossless
 
-    write_dicom(tmp_path / "c.dcm", np.ones((8, 8), np.uint16), 12, "x")
-    ds = pydicom.dcmread(tmp_path / "c.dcm")
+    write_dicom(path, np.ones((8, 8), np.uint16), 12, "x")
+    ds = pydicom.dcmread(path)
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 60])  # a codestream no plugin here decodes
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 60])  # a codestream no decoder can read
     ds["PixelData"].VR = "OB"
-    ds.save_as(tmp_path / "c.dcm")
+    ds.save_as(path)
+    return path.read_bytes()
+
+
+def test_compressed_dicom_without_a_decoder_names_its_syntax_and_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "decoder_available", lambda syntax: False)  # as without the `dicom` extra
     with pytest.raises(ImageProblem) as info:
-        decode((tmp_path / "c.dcm").read_bytes(), "c.dcm")
-    assert info.value.reason == "compressed DICOM (JPEG 2000 Image Compression (Lossless Only)) needs a pydicom decoder plugin"
+        decode(_broken_jpeg2000(tmp_path / "c.dcm"), "c.dcm")
+    assert info.value.reason == ("compressed DICOM (JPEG 2000 Image Compression (Lossless Only)) needs a decoder: "
+                                 "pip install 'f2m-ray[dicom]'")
+
+
+def test_a_corrupt_codestream_with_its_decoder_installed_is_unreadable_not_missing_a_plugin(tmp_path):
+    from pydicom.uid import JPEG2000Lossless
+
+    assert images.decoder_available(JPEG2000Lossless)  # the `dicom` extra is part of the test extras
+    with pytest.raises(ImageProblem) as info:
+        decode(_broken_jpeg2000(tmp_path / "c.dcm"), "c.dcm")
+    assert info.value.reason == images.UNREADABLE_DICOM
 
 
 def test_header_size_reads_only_the_header(tmp_path):
@@ -202,3 +217,58 @@ def test_model_image_range_and_shape():
     with pytest.raises(ImageProblem) as info:
         model_image(Pixels(np.zeros((1, 50), np.uint16), 16))
     assert info.value.reason == images.TOO_SMALL
+
+
+# ---------------------------------------------------------------- DICOM written by other toolkits
+
+
+def _bundled_dicom_files():
+    """pydicom's own test files (DCMTK, GDCM and others), grouped by transfer syntax."""
+    import glob
+    import os
+
+    import pydicom
+
+    folder = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files")
+    found = {}
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.dcm"), recursive=True)):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            syntax = ds.file_meta.TransferSyntaxUID
+        except Exception:
+            continue
+        found.setdefault(syntax.name, []).append(path)
+    return found
+
+
+# The transfer syntaxes of real archives, and the number of pydicom's bundled files of each.
+ARCHIVE_SYNTAXES = {
+    "Explicit VR Little Endian", "Implicit VR Little Endian", "Explicit VR Big Endian", "RLE Lossless",
+    "Deflated Explicit VR Little Endian", "JPEG Baseline (Process 1)", "JPEG Extended (Process 2 and 4)",
+    "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1])",
+    "JPEG-LS Lossless Image Compression", "JPEG-LS Lossy (Near-Lossless) Image Compression",
+    "JPEG 2000 Image Compression (Lossless Only)", "JPEG 2000 Image Compression",
+}
+
+
+def test_every_transfer_syntax_of_real_archives_loads_with_the_dicom_extra():
+    import warnings
+
+    files = _bundled_dicom_files()
+    assert ARCHIVE_SYNTAXES <= set(files), sorted(ARCHIVE_SYNTAXES - set(files))
+    loaded, refused = {}, {}
+    for syntax in sorted(ARCHIVE_SYNTAXES):
+        for path in files[syntax]:
+            raw = open(path, "rb").read()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    image = images.model_image(decode(raw, path))
+                except ImageProblem as problem:
+                    refused.setdefault(syntax, []).append(problem.reason)
+                    continue
+            assert image.shape == (64, 64) and image.dtype == np.float32 and -1 <= image.min() <= image.max() <= 1
+            loaded[syntax] = loaded.get(syntax, 0) + 1
+    assert set(loaded) == ARCHIVE_SYNTAXES, {s: refused.get(s) for s in ARCHIVE_SYNTAXES - set(loaded)}
+    # What is refused is refused for a reason of its own (files without pixel data, odd test vectors), never a plugin.
+    assert not [r for reasons in refused.values() for r in reasons if "needs a decoder" in r], refused

@@ -139,11 +139,12 @@ def test_local_reads_back_everywhere(local_run, model):
     assert dataset.count() == 1000 and "image" in dataset.schema().names
 
 
-def test_hugging_face_datasets_reads_the_image_column_as_images(local_run):
-    datasets = pytest.importorskip("datasets")  # not a dependency: runs where it is installed
+def test_hugging_face_datasets_reads_the_image_column_as_images(local_run, tmp_path):
+    import datasets
+
     out, _ = local_run
     files = sorted(str(p) for p in out.rglob("*.parquet"))
-    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
     assert ds.num_rows == 1000 and type(ds.features["image"]).__name__ == "Image"
     image = ds[0]["image"]
     assert image.size == (64, 64) and image.mode == "L" and ds[0]["category"] == CATEGORY
@@ -413,3 +414,68 @@ def test_dry_run_prints_the_resolved_run(model, tmp_path):
     assert result.exit_code == 0, result.output
     assert "category    circumscribed-oval: 50 masses from 22 seeds (K used 20)" in result.stdout
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the dataset card, defaults
+
+
+def test_the_folder_is_a_hugging_face_dataset_with_a_config_per_category(model, tmp_path):
+    import datasets
+
+    out = tmp_path / "two"
+    synthesize(config(model, out, categories=(CATEGORY, OTHER), n=40, rows_per_file=25), report=None, use_ray=False)
+    card = (out / "README.md").read_text()
+    header = card.split("---\n")[1]
+    assert card.startswith("---\n") and header.count("config_name:") == 3 and "default: true" in header
+    assert f'path: "{OTHER}/part-*.parquet"' in header and "dtype: image" in header and "list: string" in header
+    assert "| spiculated-irregular | 40 |" in card and "mixing `variance-preserving`" in card
+    cache = str(tmp_path / "hf")
+    everything = datasets.load_dataset(str(out), split="train", cache_dir=cache)
+    assert everything.num_rows == 80 and type(everything.features["image"]).__name__ == "Image"
+    assert sorted(set(everything["category"])) == [OTHER, CATEGORY]
+    one = datasets.load_dataset(str(out), OTHER, split="train", cache_dir=cache)
+    assert one.num_rows == 40 and set(one["category"]) == {OTHER} and one[3]["image"].size == (64, 64)
+
+
+def test_overwrite_replaces_its_card_but_refuses_a_users_readme(model, tmp_path):
+    out = tmp_path / "d"
+    synthesize(config(model, out, n=20, rows_per_file=20), report=None, use_ray=False)
+    synthesize(config(model, out, n=30, rows_per_file=30, overwrite=True), report=None, use_ray=False)
+    assert "| spiculated-irregular | 30 |" in (out / "README.md").read_text()
+    (out / "README.md").write_text("# my notes about this folder\n")
+    with pytest.raises(F2MError, match="not part of a synthetic dataset .e.g. README.md"):
+        synthesize(config(model, out, n=30, rows_per_file=30, overwrite=True), report=None, use_ray=False)
+    assert (out / "README.md").read_text() == "# my notes about this folder\n"
+
+
+def _finished_run(storage, name: str, model_path: str) -> str:
+    """A run folder as `train` leaves it: checkpoint_* with the bank beside it."""
+    import shutil
+
+    target = storage / name / "checkpoint_epoch_000001"
+    shutil.copytree(model_path, target)
+    return str(target)
+
+
+def test_without_model_or_out_the_newest_finished_run_is_used(model, tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    older = _finished_run(tmp_path / "f2m-runs", "older", model)
+    time.sleep(0.02)
+    newer = _finished_run(tmp_path / "f2m-runs", "newer", model)
+    os.utime(os.path.join(older, "feature_bank.parquet"), (1, 1))  # written long ago
+    (tmp_path / "f2m-runs" / "unfinished" / "checkpoint_epoch_000002").mkdir(parents=True)  # no checkpoint in it
+    lines: list[str] = []
+    synthesize(SynthesisConfig(categories=(CATEGORY,), n=20, rows_per_file=20), report=lines.append, use_ray=False)
+    assert lines[0] == f"model: {newer} (id {resolve(config(model, 'x')).model_id}; the newest finished run under f2m-runs)"
+    assert len(SyntheticTorchDataset(str(tmp_path / "f2m-synthetic"))) == 20
+    monkeypatch.setenv("F2M_STORAGE", str(tmp_path / "elsewhere"))  # no runs there: the shipped model, or a clear line
+    from f2m_ray.pretrained import shipped_models
+
+    if shipped_models():
+        assert "the shipped model small-phantom" in resolve(SynthesisConfig(categories=(CATEGORY,), n=1)).model_source
+    else:
+        with pytest.raises(F2MError, match="no finished run under .*elsewhere and no shipped model"):
+            resolve(SynthesisConfig(categories=(CATEGORY,), n=1))
