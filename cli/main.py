@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from f2m_ray import __version__
-from f2m_ray.errors import F2MError
+from f2m_ray.errors import F2MError, first_line
 
 
 class F2MGroup(click.Group):
@@ -30,8 +30,7 @@ def _describe(err: Exception) -> str:
     if isinstance(err, OSError) and err.filename:
         reason = err.strerror or type(err).__name__
         return f"{reason}: {err.filename}"
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    return first_line(err)
 
 
 @click.group(cls=F2MGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -72,7 +72,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from f2m_ray.errors import F2MError
+from f2m_ray.errors import F2MError, first_line
 from f2m_ray.labels import MARGINS, SHAPES, UnknownLabelError, canonical_margin, canonical_shape
 from f2m_ray.storage import filesystem, is_remote, join
 
@@ -217,7 +217,7 @@ def read_case_rows(path: str, roi_source: str = "cropped") -> list[dict[str, str
         # hold the stray newlines that some path cells end in.
         frame = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise F2MError(f"cannot read CSV {path}: {str(err).strip().splitlines()[0]}") from None
+        raise F2MError(f"cannot read CSV {path}: {first_line(err)}") from None
     columns = {_normalize_column(c): c for c in frame.columns}
     missing = [DISPLAY_NAMES[c] for c in REQUIRED_COLUMNS[roi_source] if c not in columns]
     if missing:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from f2m_ray.errors import F2MError
+from f2m_ray.errors import F2MError, first_line
 from f2m_ray.labels import MARGINS, SHAPES
 
 ENCODER_LAYERS = 7  # paper 3.2: seven convolutions
@@ -223,8 +223,7 @@ def load_config_file(path: str) -> dict[str, Any]:
     except F2MError:
         raise
     except Exception as err:  # tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise F2MError(f"cannot parse config file {path}: {first}") from None
+        raise F2MError(f"cannot parse config file {path}: {first_line(err)}") from None
     if not isinstance(data, dict):
         raise F2MError(f"config file {path} must hold a table of settings, got {type(data).__name__}")
     return data

@@ -57,7 +57,7 @@ import numpy as np
 
 from f2m_ray import __version__
 from f2m_ray import metrics
-from f2m_ray.errors import F2MError
+from f2m_ray.errors import F2MError, first_line
 from f2m_ray.labels import MARGINS, SHAPES
 from f2m_ray.storage import filesystem, join
 from f2m_ray.usefulness import USEFULNESS_LABELS, Runner, run_in_process, run_on_ray, scarce_usefulness, usefulness
@@ -163,8 +163,7 @@ def read_synthetic(path: str, progress: Progress | None = None) -> SyntheticArra
     except F2MError:
         raise
     except Exception as err:  # pyarrow: a listed file missing, foreign or lacking a column
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise F2MError(f"cannot read synthetic dataset {path}: {first}") from None
+        raise F2MError(f"cannot read synthetic dataset {path}: {first_line(err)}") from None
     sizes = set(zip(table.column("height").to_pylist(), table.column("width").to_pylist()))
     if len(sizes) > 1:
         raise F2MError(f"synthetic dataset {path} mixes image sizes {sorted(sizes)}")

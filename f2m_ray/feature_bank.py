@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from f2m_ray import __version__
-from f2m_ray.errors import F2MError
+from f2m_ray.errors import F2MError, first_line
 from f2m_ray.labels import MARGINS, SHAPES, Category, check_vocabulary, vocabulary
 from f2m_ray.schema import (
     BANK_FORMAT,
@@ -405,9 +405,9 @@ def load_feature_bank(path: str, with_images: bool = False) -> FeatureBank:
     except FileNotFoundError:
         raise F2MError(f"no feature bank at {path} (run `f2m-ray encode --model CKPT` first)") from None
     except OSError as err:
-        raise F2MError(f"cannot read feature bank {path}: {str(err).splitlines()[0]}") from None
+        raise F2MError(f"cannot read feature bank {path}: {first_line(err)}") from None
     except Exception as err:  # pyarrow raises ArrowInvalid for non-Parquet files
-        raise F2MError(f"not a feature bank: {path} ({str(err).splitlines()[0]})") from None
+        raise F2MError(f"not a feature bank: {path} ({first_line(err)})") from None
     meta = read_json_metadata(table.schema, BANK_METADATA_KEY, f"feature bank {path}")
     if meta.get("format") != BANK_FORMAT:
         raise F2MError(f"not a feature bank: {path} has format {meta.get('format')!r}")

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from f2m_ray.errors import first_line
+
 MODEL_SIZE = 64
 WINDOW_RULES = ("auto", "percentile", "bits")
 PERCENTILES = (0.5, 99.5)  # the percentile window's low and high points
@@ -131,11 +133,6 @@ def decoder_available(syntax) -> bool:
         return False
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def _decode_dicom(raw: bytes) -> Pixels:
     import pydicom
 
@@ -151,7 +148,7 @@ def _decode_dicom(raw: bytes) -> Pixels:
             if syntax is not None and syntax.is_compressed and not decoder_available(syntax):
                 # No decoder plugin for this syntax: a per-file problem with its own reason and its fix.
                 raise ImageProblem(f"compressed DICOM ({syntax.name}) needs a decoder: {DICOM_EXTRA}") from None
-            raise ImageProblem(UNREADABLE_DICOM, _first_line(err)) from None
+            raise ImageProblem(UNREADABLE_DICOM, first_line(err)) from None
         bits = int(ds.get("BitsStored", 0) or 0) or 8 * arr.dtype.itemsize
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     except ImageProblem:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import threading
 import time
@@ -42,10 +43,10 @@ from f2m_ray import __version__
 from f2m_ray.augment import augment
 from f2m_ray.checkpoint import model_id, read_format_metadata, read_torch, strip_ddp, write_torch
 from f2m_ray.config import _build as build_dataclass
-from f2m_ray.errors import F2MError
+from f2m_ray.errors import F2MError, first_line
 from f2m_ray.labels import MARGINS, SHAPES, check_vocabulary, vocabulary
 from f2m_ray.metrics import head_accuracies
-from f2m_ray.storage import filesystem, join
+from f2m_ray.storage import filesystem, is_remote, join
 
 FORMAT = "f2m-ray-judge"
 FORMAT_VERSION = 1
@@ -430,6 +431,8 @@ def train_judge_on_ray(
     from f2m_ray.train import _unwrap_training_error, _worker_env, check_resources, cpu_per_worker
 
     check_resources(num_workers, use_gpu, dict(ray.cluster_resources()))
+    if not is_remote(out):
+        out = os.path.abspath(out)  # rank 0 writes it, from another working directory
     if len(data.where_split("train")) < 2 * num_workers:
         raise F2MError(f"{len(data.where_split('train'))} training rows are too few for {num_workers} workers")
     loop_config = {
@@ -463,8 +466,7 @@ def train_judge_on_ray(
             inner = _unwrap_training_error(err)
             if isinstance(inner, F2MError):
                 raise F2MError(str(inner)) from None
-            first = (str(inner).strip().splitlines() or [""])[0]
-            raise F2MError(f"judge training failed: {type(inner).__name__}: {first}") from None
+            raise F2MError(f"judge training failed: {type(inner).__name__}: {first_line(inner)}") from None
     return read_judge_metadata(out)["report"]
 
 

@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from f2m_ray import cbis_ddsm, images
-from f2m_ray.errors import F2MError
+from f2m_ray.errors import F2MError, first_line
 from f2m_ray.labels import MARGINS, SHAPES
 from f2m_ray.storage import filesystem, is_remote, join
 
@@ -131,6 +131,11 @@ def read_labeled(
     """
     if fmt not in FORMATS:
         raise F2MError(f"unknown data format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    # Relative paths mean the command's working directory; Ray's decode tasks run in another one.
+    if not (data == "phantom" or str(data).startswith("phantom:") or is_remote(data)):
+        data = os.path.abspath(os.path.expanduser(data))
+    if image_root and not is_remote(image_root):
+        image_root = os.path.abspath(os.path.expanduser(image_root))
     if not 0.0 <= val_fraction < 1.0:
         raise F2MError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if seed < 0:
@@ -322,7 +327,7 @@ def _read_manifest_table(path: str):
             convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
         ), path
     except Exception as err:  # pyarrow raises ArrowInvalid and friends for malformed files
-        raise F2MError(f"cannot read manifest {path}: {str(err).strip().splitlines()[0]}") from None
+        raise F2MError(f"cannot read manifest {path}: {first_line(err)}") from None
 
 
 def _text(value) -> str:

@@ -36,7 +36,7 @@ import numpy as np
 
 from f2m_ray import __version__
 from f2m_ray.dataset_card import CARD_NAME, card_text, is_our_card
-from f2m_ray.errors import F2MError
+from f2m_ray.errors import F2MError, first_line
 from f2m_ray.feature_bank import (
     SEED_SPLITS,
     ActorPlan,
@@ -273,17 +273,12 @@ def probe_storage(path: str, what: str) -> None:
     except FileNotFoundError:
         raise F2MError(f"{what} {path}: bucket {bucket!r} does not exist") from None
     except PermissionError as err:
-        raise F2MError(f"{what} {path}: S3 refused access ({_first_line(err)}); check the credentials") from None
+        raise F2MError(f"{what} {path}: S3 refused access ({first_line(err)}); check the credentials") from None
     except Exception as err:  # botocore's connection errors are not OSErrors
         from f2m_ray.storage import s3_endpoint
 
         endpoint = s3_endpoint() or "the default AWS endpoint"
-        raise F2MError(f"{what} {path}: cannot reach S3 at {endpoint} ({_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+        raise F2MError(f"{what} {path}: cannot reach S3 at {endpoint} ({first_line(err)})") from None
 
 
 def absolute(path: str) -> str:
@@ -427,7 +422,7 @@ def _list_files(out: str) -> tuple[Any, str, dict[str, int]]:
             raise F2MError(f"output {out} is a file, expected a folder")
         found = fs.find(root, detail=True)
     except PermissionError as err:
-        raise F2MError(f"output {out}: access refused ({_first_line(err)})") from None
+        raise F2MError(f"output {out}: access refused ({first_line(err)})") from None
     return fs, root, {_relative(root, p): int(info.get("size") or 0) for p, info in found.items()}
 
 
@@ -1044,7 +1039,7 @@ def _verify_finished(run: ResolvedRun, records: list[dict[str, Any]]) -> None:
         except F2MError:
             raise
         except Exception as err:  # a truncated or foreign file
-            raise F2MError(f"cannot resume: {path} is not a readable shard ({_first_line(err)}); use --overwrite") from None
+            raise F2MError(f"cannot resume: {path} is not a readable shard ({first_line(err)}); use --overwrite") from None
         if rows != record["rows"] or meta.get("run") != wanted or meta.get("sample_range") != [record["start"], record["stop"]]:
             raise F2MError(f"cannot resume: {path} does not hold samples {record['start']}..{record['stop'] - 1} of this run")
         record["guard"] = {k: int(meta.get("guard", {}).get(k, 0)) for k in GUARD_KEYS}
@@ -1113,4 +1108,4 @@ def _write_file(out: str, name: str, data: bytes) -> None:
             f.write(data)
         os.replace(temporary, os.path.join(out, name))
     except PermissionError as err:
-        raise F2MError(f"output {out}: writing refused ({_first_line(err)})") from None
+        raise F2MError(f"output {out}: writing refused ({first_line(err)})") from None

@@ -1,0 +1,56 @@
+"""Starting Ray and owning the console: f2m_ray.runtime."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+NOISE = (b"[2026-12-03 13:21:16,707 E 2648 2648] core_worker.cc:2465: Actor with class name: "
+         b"'MapWorker(MapBatches(_Encoder))' and ID: '435b' has constructor arguments in the object store and "
+         b"max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor restart "
+         b"will fail. See https://github.com/ray-project/ray/issues/53727 for more details.")
+
+
+def test_the_stderr_filter_drops_only_the_native_noise_and_loses_nothing_else():
+    child = f"""
+import os, sys
+from f2m_ray.runtime import NativeStderrFilter
+f = NativeStderrFilter()
+os.write(2, b"first line\\n")
+os.write(2, {NOISE!r} + b"\\n")
+os.write(2, b"[a native line that matters] core_worker.cc:1: real error\\n")
+sys.stderr.write("from python, ")
+sys.stderr.write("in two writes\\n")
+os.write(2, b"a partial line")
+os.write(2, b" ended later\\n")
+os.write(2, b"[2026 E] last words without a newline")
+"""
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stderr.decode().splitlines() == [
+        "first line",
+        "[a native line that matters] core_worker.cc:1: real error",
+        "from python, in two writes",
+        "a partial line ended later",
+        "[2026 E] last words without a newline",
+    ]
+
+
+@pytest.mark.ray
+def test_embedded_ray_starts_whatever_a_dead_ray_start_cluster_left_behind():
+    # `ray start` writes the cluster's address to RAY_TMPDIR/ray/ray_current_cluster; a plain
+    # ray.init(num_cpus=...) then tries to join that (dead) cluster and refuses to start.
+    with tempfile.TemporaryDirectory(prefix="f2mrt", dir="/tmp") as temp:
+        os.makedirs(os.path.join(temp, "ray"))
+        with open(os.path.join(temp, "ray", "ray_current_cluster"), "w") as f:
+            f.write("127.0.0.1:6399\n")
+        env = {**os.environ, "RAY_TMPDIR": temp}
+        env.pop("RAY_ADDRESS", None)
+        child = "from f2m_ray.runtime import ensure_ray; ensure_ray(); import ray; print(ray.cluster_resources()['CPU'])"
+        result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.split()[-1]) >= 4  # our own embedded Ray, with its oversubscribed CPU slots
