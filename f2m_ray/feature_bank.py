@@ -228,8 +228,8 @@ class _Encoder:
         with torch.inference_mode():
             features = self.generator.encode(
                 torch.from_numpy(images[:, None]).to(self.device),  # (B, 1, 64, 64)
-                torch.from_numpy(np.asarray(batch["margin"], dtype=np.int64)).to(self.device),
-                torch.from_numpy(np.asarray(batch["shape"], dtype=np.int64)).to(self.device),
+                torch.from_numpy(np.array(batch["margin"], dtype=np.int64)).to(self.device),  # writable copies
+                torch.from_numpy(np.array(batch["shape"], dtype=np.int64)).to(self.device),
             )  # (B, D)
         pixels = to_uint8(images)
         return {
