@@ -21,7 +21,7 @@ def inspect(path, sheet, per_category) -> None:
     click.echo(f"model id        {info['model_id']}  (preset {info['preset']}, bank {info['bank_id']})")
     click.echo(f"masses          {info['rows']} in {info['files']} files, {info['bytes'] / 1e6:.1f} MB")
     arguments = info["arguments"]
-    click.echo(f"run             K={arguments.get('k')}, step {arguments.get('step')}, alpha {arguments.get('alpha')}, "
+    click.echo(f"run             mixing {arguments.get('mixing', 'paper')}, K={arguments.get('k')}, step {arguments.get('step')}, alpha {arguments.get('alpha')}, "
                f"seed {arguments.get('seed')}")
     for name, count in sorted(info["counts"].items()):
         click.echo(f"  {name:40s} {count}")

@@ -29,6 +29,7 @@ from f2m_ray.config import Preset
 from f2m_ray.errors import F2MError
 from f2m_ray.labels import check_vocabulary, vocabulary
 from f2m_ray.networks import Discriminator, Generator, build_networks
+from f2m_ray.pretrained import named_model
 from f2m_ray.storage import filesystem, is_remote, join
 
 FORMAT = "f2m-ray-checkpoint"
@@ -155,7 +156,11 @@ def _load_state(net: torch.nn.Module, state: dict[str, torch.Tensor], path: str,
 
 
 def find_checkpoint(path: str) -> str:
-    """`path` itself if it is a checkpoint, else its latest ``checkpoint_*`` sub-directory."""
+    """`path` itself if it is a checkpoint, else its latest ``checkpoint_*`` sub-directory.
+
+    ``pretrained`` and ``pretrained:NAME`` name a model shipped in the package (f2m_ray.pretrained).
+    """
+    path = named_model(path)
     fs, root = filesystem(path)
     if fs.exists(join(root, META_FILE)):
         return path
