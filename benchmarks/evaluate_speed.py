@@ -27,11 +27,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from f2m_ray import evaluate as ev
-from f2m_ray.judge import JudgeConfig, JudgeTrainConfig, LabeledArrays, LoadedJudge, train_judge
+from f2m_ray.evaluation import evaluate as ev
+from f2m_ray.evaluation.judge import JudgeConfig, JudgeTrainConfig, LabeledArrays, LoadedJudge, train_judge
 from f2m_ray.labels import PAPER_CATEGORIES, parse_category
-from f2m_ray.phantom import generate_phantoms
-from f2m_ray.readers import assign_split, to_model_range
+from f2m_ray.data.phantom import generate_phantoms
+from f2m_ray.data.readers import assign_split, to_model_range
 from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, SYNTHETIC_SCHEMA, image_column, png_bytes, write_table
 
 
@@ -143,7 +143,7 @@ def main() -> None:
 
         runner = ev.run_in_process
         if args.runner == "ray":
-            from f2m_ray.runtime import ensure_ray
+            from f2m_ray.runtime.cluster import ensure_ray
 
             ensure_ray()
             runner = ev.run_on_ray

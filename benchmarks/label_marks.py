@@ -32,14 +32,14 @@ import time
 import numpy as np
 import torch
 
-from f2m_ray.augment import augment
+from f2m_ray.core.augment import augment
 from f2m_ray.config import PRESETS, Preset
-from f2m_ray.judge import load_judge, predict
-from f2m_ray.mixing import quantized_dirichlet
-from f2m_ray.networks import build_networks
-from f2m_ray.phantom import generate_phantoms
-from f2m_ray.readers import to_model_range
-from f2m_ray.step import Feature2MassStep, make_optimizers
+from f2m_ray.evaluation.judge import load_judge, predict
+from f2m_ray.core.mixing import quantized_dirichlet
+from f2m_ray.core.networks import build_networks
+from f2m_ray.data.phantom import generate_phantoms
+from f2m_ray.data.readers import to_model_range
+from f2m_ray.core.step import Feature2MassStep, make_optimizers
 
 
 def variants() -> dict[str, Preset]:

@@ -3,10 +3,10 @@
     python benchmarks/quality_frontier.py --model mix=runs/r200-mix --model base=runs/r200-base \
         --judge runs/judge --real phantom:10000 --n 200 --work frontier
 
-For every model and every scheme of f2m_ray.mixing.SCHEMES it synthesizes N masses per
+For every model and every scheme of f2m_ray.core.mixing.SCHEMES it synthesizes N masses per
 category of the model's bank into WORK/MODEL/SCHEME (kept: a second call reuses finished
-datasets), evaluates them with `f2m_ray.evaluate` (usefulness off) and trains the scarce-data
-usefulness arms once (`f2m_ray.usefulness.scarce_usefulness`: real, real + mixup,
+datasets), evaluates them with `f2m_ray.evaluation.evaluate` (usefulness off) and trains the scarce-data
+usefulness arms once (`f2m_ray.evaluation.usefulness.scarce_usefulness`: real, real + mixup,
 real + synthetic of each model and scheme of --usefulness-schemes, on the R real ROIs the GANs
 were trained on; the real and mixup arms are shared by all models). Printed per row:
 
@@ -35,8 +35,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from f2m_ray import metrics  # noqa: E402
-from f2m_ray.evaluate import (  # noqa: E402
+from f2m_ray.core import metrics  # noqa: E402
+from f2m_ray.evaluation.evaluate import (  # noqa: E402
     EvaluateConfig,
     ProgressPrinter,
     evaluate_arrays,
@@ -44,10 +44,10 @@ from f2m_ray.evaluate import (  # noqa: E402
     read_synthetic,
     split_real,
 )
-from f2m_ray.feature_bank import default_bank_path, load_feature_bank  # noqa: E402
+from f2m_ray.bank import default_bank_path, load_feature_bank  # noqa: E402
 from f2m_ray.labels import MARGINS, SHAPES  # noqa: E402
-from f2m_ray.mixing import SCHEMES  # noqa: E402
-from f2m_ray.usefulness import run_on_ray, scarce_usefulness  # noqa: E402
+from f2m_ray.core.mixing import SCHEMES  # noqa: E402
+from f2m_ray.evaluation.usefulness import run_on_ray, scarce_usefulness  # noqa: E402
 
 PAIR_SAMPLES = 200  # masses per category for the pairwise spread (200 * 199 / 2 pairs)
 
@@ -70,7 +70,7 @@ def contrast(images: np.ndarray) -> float:
 
 
 def synthesize_once(model: str, scheme: str, n: int, out: str, categories: list[str]) -> str:
-    from f2m_ray.synthesize import SynthesisConfig, synthesize
+    from f2m_ray.synth.driver import SynthesisConfig, synthesize
 
     if os.path.exists(os.path.join(out, "_manifest.json")):
         return out
@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-usefulness", action="store_true")
     args = parser.parse_args(argv)
 
-    from f2m_ray.judge import collect_labeled, load_judge
-    from f2m_ray.readers import read_labeled
-    from f2m_ray.runtime import ensure_ray
+    from f2m_ray.evaluation.judge import collect_labeled, load_judge
+    from f2m_ray.data.readers import read_labeled
+    from f2m_ray.runtime.cluster import ensure_ray
 
     started = time.perf_counter()
     schemes = [s for s in args.schemes.split(",") if s]

@@ -3,7 +3,7 @@
 Builds a synthetic CBIS-DDSM download (the archive's folder layout, uncompressed 16-bit
 DICOM: full mammograms of --full-size, crops of about a fifth of that, binary masks as
 large as the full image) and reads it four ways, the same per-row work each time
-(f2m_ray.readers._load_roi: read, pick crop/mask by content, window, resize):
+(f2m_ray.data.readers._load_roi: read, pick crop/mask by content, window, resize):
 
     (a) one process, a plain loop over the rows, --roi-source cropped
     (b) read_labeled(..., roi_source="cropped"): Ray Data tasks, materialized (Ray started before)
@@ -74,8 +74,8 @@ def build(root: Path, cases: int, full_size: tuple[int, int]) -> Path:
 
 def plain(csv_path: Path, roi_source: str) -> tuple[float, int]:
     """The readers' per-row work in one process; returns (seconds, rows)."""
-    from f2m_ray import cbis_ddsm
-    from f2m_ray.readers import DecodeOptions, _load_roi
+    from f2m_ray.data import cbis_ddsm
+    from f2m_ray.data.readers import DecodeOptions, _load_roi
 
     start = time.perf_counter()
     index = cbis_ddsm.DicomIndex.build(str(csv_path.parent))
@@ -94,7 +94,7 @@ def plain(csv_path: Path, roi_source: str) -> tuple[float, int]:
 
 
 def ray_read(csv_path: Path, roi_source: str) -> tuple[float, int]:
-    from f2m_ray.readers import read_labeled
+    from f2m_ray.data.readers import read_labeled
 
     start = time.perf_counter()
     result = read_labeled(str(csv_path), roi_source=roi_source)
@@ -114,7 +114,7 @@ def main() -> None:
         size = sum(f.stat().st_size for f in root.rglob("*.dcm")) / 1e6
         print(f"fixture: {args.cases} cases, full images {args.full_size[0]}x{args.full_size[1]} 16-bit, "
               f"{size:.0f} MB of DICOM, built in {time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs")
-        from f2m_ray.runtime import ensure_ray
+        from f2m_ray.runtime.cluster import ensure_ray
 
         ensure_ray()
         # Warm-up: imports in this process, Ray Data's first workers (reported, not compared).

@@ -32,15 +32,15 @@ import torch
 
 from f2m_ray.checkpoint import load_checkpoint, save_checkpoint
 from f2m_ray.config import get_preset
-from f2m_ray.feature_bank import default_bank_path, load_feature_bank, local_cores, write_feature_bank
+from f2m_ray.bank import default_bank_path, load_feature_bank, local_cores, write_feature_bank
 from f2m_ray.labels import parse_category
-from f2m_ray.mixing import plan_sample
-from f2m_ray.networks import build_networks
-from f2m_ray.phantom import generate_phantoms
-from f2m_ray.readers import assign_split, to_model_range
+from f2m_ray.core.mixing import plan_sample
+from f2m_ray.core.networks import build_networks
+from f2m_ray.data.phantom import generate_phantoms
+from f2m_ray.data.readers import assign_split, to_model_range
 from f2m_ray.schema import png_bytes, to_uint8
-from f2m_ray.mixing import mix_rows
-from f2m_ray.synthesize import SynthesisConfig, synthesize
+from f2m_ray.core.mixing import mix_rows
+from f2m_ray.synth.driver import SynthesisConfig, synthesize
 
 CATEGORY = "spiculated-irregular"
 
@@ -170,7 +170,7 @@ def main() -> None:
             print(f"(b) plain loop on {device}: decode+PNG+Parquet {b1:8.1f} masses/s   b/a = {b1 / a1:.3f}")
             return
 
-        from f2m_ray.runtime import ensure_ray
+        from f2m_ray.runtime.cluster import ensure_ray
 
         ensure_ray()  # Ray's own start-up is not part of (c); actor start-up is
         runs: dict[str, list[float]] = {"a": [], "b": [], "c": []}

@@ -1,6 +1,6 @@
 """Training throughput: Ray Train (N DDP workers) vs a plain single-process PyTorch loop.
 
-Both do the same work per step (f2m_ray.step.Feature2MassStep: D1 + D2 then G, with the
+Both do the same work per step (f2m_ray.core.step.Feature2MassStep: D1 + D2 then G, with the
 paper's augmentation) on the same training rows (the train split of the same phantoms),
 with the same preset and global batch, and the same total torch threads (the plain loop
 uses all cores; each of the N CPU workers uses cores / N). Steady state = every epoch
@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from f2m_ray.augment import augment
+from f2m_ray.core.augment import augment
 from f2m_ray.config import get_preset
-from f2m_ray.networks import build_networks
-from f2m_ray.phantom import DEFAULT_CATEGORIES, generate_phantoms
-from f2m_ray.readers import assign_split, to_model_range
-from f2m_ray.step import Feature2MassStep, make_optimizers
-from f2m_ray.train import threads_per_worker
+from f2m_ray.core.networks import build_networks
+from f2m_ray.data.phantom import DEFAULT_CATEGORIES, generate_phantoms
+from f2m_ray.data.readers import assign_split, to_model_range
+from f2m_ray.core.step import Feature2MassStep, make_optimizers
+from f2m_ray.train.driver import threads_per_worker
 
 
 @dataclass
@@ -99,10 +99,10 @@ def steady(timings: list[EpochTiming]) -> float:
 
 
 def ray_run(preset, data: str, epochs: int, workers: int):
-    """f2m_ray.train.train on local Ray; per-epoch timings from the run's metrics.jsonl."""
-    from f2m_ray.runtime import ensure_ray
-    from f2m_ray.train import RunOptions, quiet_console, train
-    from f2m_ray.train_report import read_metrics
+    """f2m_ray.train.driver.train on local Ray; per-epoch timings from the run's metrics.jsonl."""
+    from f2m_ray.runtime.cluster import ensure_ray
+    from f2m_ray.train.driver import RunOptions, quiet_console, train
+    from f2m_ray.train.report import read_metrics
 
     with tempfile.TemporaryDirectory(prefix="f2m-bench-") as storage:
         options = RunOptions(data=data, workers=workers, use_gpu=False, storage=storage, name="bench",

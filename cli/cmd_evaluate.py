@@ -47,7 +47,7 @@ def evaluate_command(synthetic: str, real: str, judge: str | None, out: str, fmt
                      no_usefulness: bool, judge_epochs: int, k: int, overwrite: bool,
                      dry_run: bool) -> None:
     """Score a synthetic dataset against real masses; write OUT/report.json and OUT/report.html."""
-    from f2m_ray.evaluate import REPORT_HTML, REPORT_JSON, EvaluateConfig, ProgressPrinter, check_config, evaluate
+    from f2m_ray.evaluation.evaluate import REPORT_HTML, REPORT_JSON, EvaluateConfig, ProgressPrinter, check_config, evaluate
 
     config = EvaluateConfig(
         val_fraction=val_fraction, seed=seed, usefulness_real=usefulness_real,
@@ -61,8 +61,8 @@ def evaluate_command(synthetic: str, real: str, judge: str | None, out: str, fmt
         click.echo(json.dumps({"synthetic": synthetic, "real": real, "judge": judge, "out": out, "format": fmt,
                                "config": asdict(config)}, indent=2))
         return
-    from f2m_ray.train import quiet_console  # noqa: WPS433 (imports Ray: only when running)
-    from f2m_ray.runtime import ensure_ray
+    from f2m_ray.train.driver import quiet_console  # noqa: WPS433 (imports Ray: only when running)
+    from f2m_ray.runtime.cluster import ensure_ray
 
     ensure_ray()
     quiet_console()

@@ -16,7 +16,7 @@ from f2m_ray_cli.main import cli
 @click.option("--out", required=True, help="Figure path (.png, local or s3://).")
 def interpolate(model, seeds, steps, bank, out) -> None:
     """Decode equidistant mixes of two seeds, or a barycentric grid over three."""
-    from f2m_ray.interpolate import write_interpolation
+    from f2m_ray.synth.interpolate import write_interpolation
 
     result = write_interpolation(model, seeds.split(","), out, steps=steps, bank=bank)
     kind = "line (Fig. 3)" if len(result.seed_ids) == 2 else "triangle (Fig. 4)"

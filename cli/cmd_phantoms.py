@@ -43,7 +43,7 @@ def _categories(names: tuple[str, ...]):
 def phantoms(n: int, out: str, seed: int, category_names: tuple[str, ...],
              preview: str | None, overwrite: bool) -> None:
     """Write N procedural phantom ROIs as OUT/images/*.png plus OUT/manifest.csv."""
-    from f2m_ray import phantom
+    from f2m_ray.data import phantom
 
     if n <= 0:
         raise F2MError(f"--n must be a positive integer, got {n}")

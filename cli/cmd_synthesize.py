@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from f2m_ray.mixing import DEFAULT_SCHEME, SCHEMES
+from f2m_ray.core.mixing import DEFAULT_SCHEME, SCHEMES
 from f2m_ray.pretrained import DEFAULT_OUT
 from f2m_ray_cli.main import cli
 
@@ -56,7 +56,7 @@ def synthesize(categories, n, out, model, bank, storage, mixing, k, step, alpha,
                workers, judge, min_label_confidence, min_seed_distance, max_attempts, resume, overwrite,
                dry_run) -> None:
     """Mix K same-category bank features per mass, decode, and write N masses per category."""
-    from f2m_ray import synthesize as synthesis
+    from f2m_ray.synth import driver as synthesis
 
     config = synthesis.SynthesisConfig(
         categories=tuple(categories), n=n, out=out, model=model, bank=bank, storage=storage, mixing=mixing, k=k, step=step, alpha=alpha,

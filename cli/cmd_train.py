@@ -38,7 +38,7 @@ from f2m_ray_cli.main import cli
 def train(data, data_format, preset, workers, use_gpu, epochs, batch_size, seed, storage, name,
           checkpoint_every, keep_checkpoints, sample_every, max_failures, feature_bank, mix_weight, config_file, dry_run) -> None:
     """Train Feature2Mass on Ray Train: DDP workers, checkpoints into --storage, resumable by --name."""
-    from f2m_ray.train import describe_run, resolve_run
+    from f2m_ray.train.driver import describe_run, resolve_run
 
     train_overrides = {
         "epochs": epochs, "batch_size": batch_size, "seed": seed, "checkpoint_every": checkpoint_every,
@@ -54,8 +54,8 @@ def train(data, data_format, preset, workers, use_gpu, epochs, batch_size, seed,
         click.echo(describe_run(resolved_preset, options))
         return
 
-    from f2m_ray.runtime import ensure_ray
-    from f2m_ray.train import quiet_console, train as run_training
+    from f2m_ray.runtime.cluster import ensure_ray
+    from f2m_ray.train.driver import quiet_console, train as run_training
 
     # train() checks storage and a resumed run's preset first, then starts Ray through this
     # callback: actors' logs stay off the console, since the command prints its own epoch lines.

@@ -28,7 +28,7 @@ from f2m_ray import __version__
 from f2m_ray.config import Preset
 from f2m_ray.errors import F2MError
 from f2m_ray.labels import check_vocabulary, vocabulary
-from f2m_ray.networks import Discriminator, Generator, build_networks
+from f2m_ray.core.networks import Discriminator, Generator, build_networks
 from f2m_ray.pretrained import named_model
 from f2m_ray.storage import filesystem, is_remote, join
 

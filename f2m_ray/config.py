@@ -71,7 +71,7 @@ class LossConfig:
     # instead of marks that only D reads.
     fake_label_weight: float = 1.0
     # Training for mixes (not in the paper; 0 = eq. 3-5 as written). Each step also decodes
-    # variance-preserving mixes of same-category members of the batch (f2m_ray.step
+    # variance-preserving mixes of same-category members of the batch (f2m_ray.core.step
     # Feature2MassStep): D1/D2 see them as fakes with their category's labels (AMR, Beckham et
     # al. 2019, with the label terms), and G is trained to make them pass, at this weight.
     lambda_mix: float = 0.0
@@ -94,7 +94,7 @@ class TrainConfig:
     sample_every: int = 10  # epochs between sample grids
     bf16: bool = True  # bf16 autocast on GPU (ignored on CPU)
     # Differentiable augmentation (shift, brightness, contrast) of every image D1/D2 see, real and
-    # fake, in D's and G's steps (f2m_ray.augment.diff_augment). Not in the paper; see `small`.
+    # fake, in D's and G's steps (f2m_ray.core.augment.diff_augment). Not in the paper; see `small`.
     d_augment: bool = False
 
 

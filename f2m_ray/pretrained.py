@@ -27,7 +27,7 @@ PRETRAINED_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pret
 SHIPPED_MODEL = "small-phantom"
 MODEL_CARD = "MODEL_CARD.md"
 PRETRAINED_PREFIX = "pretrained"  # `--model pretrained` or `--model pretrained:NAME`
-BANK_FILE = "feature_bank.parquet"  # as f2m_ray.feature_bank.BANK_FILE (that module imports Ray)
+BANK_FILE = "feature_bank.parquet"  # as f2m_ray.bank.BANK_FILE (that module imports Ray)
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,8 @@ def open_synthetic(path: str, columns: list[str] | None = None):
     """A finished synthetic dataset as a ``ray.data.Dataset`` (one row per mass)."""
     import ray
 
-    from f2m_ray.feature_bank import worker_runtime_env
-    from f2m_ray.runtime import ensure_ray
+    from f2m_ray.bank import worker_runtime_env
+    from f2m_ray.runtime.cluster import ensure_ray
 
     files = synthetic_files(path)
     fs, _ = arrow_filesystem(path)
@@ -122,7 +122,7 @@ class SyntheticTorchDataset(_TorchDataset):
     def __getitem__(self, index: int):
         import torch
 
-        from f2m_ray.readers import to_model_range
+        from f2m_ray.data.readers import to_model_range
 
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} masses")

@@ -24,8 +24,8 @@ RECIPE = {"preset": "small", "data": "phantom:2000", "epochs": 40, "seed": 0, "w
 
 
 def train_run(storage: str) -> str:
-    from f2m_ray.runtime import ensure_ray
-    from f2m_ray.train import quiet_console, resolve_run, train
+    from f2m_ray.runtime.cluster import ensure_ray
+    from f2m_ray.train.driver import quiet_console, resolve_run, train
 
     preset, options = resolve_run(
         None, RECIPE["preset"], train_overrides={"epochs": RECIPE["epochs"], "seed": RECIPE["seed"]},
@@ -42,7 +42,7 @@ def export_error(source: str, export: str, n: int = 512) -> dict[str, float]:
     import torch
 
     from f2m_ray.checkpoint import load_generator
-    from f2m_ray.feature_bank import load_feature_bank
+    from f2m_ray.bank import load_feature_bank
     from f2m_ray.schema import to_uint8
 
     g32, _ = load_generator(source)
@@ -60,7 +60,7 @@ def export_error(source: str, export: str, n: int = 512) -> dict[str, float]:
 
 
 def history(run_dir: str) -> list[dict]:
-    from f2m_ray.train_report import read_metrics
+    from f2m_ray.train.report import read_metrics
 
     return read_metrics(run_dir)
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from f2m_ray.checkpoint import export_generator, find_checkpoint, read_metadata
-    from f2m_ray.feature_bank import build_feature_bank, load_feature_bank
+    from f2m_ray.bank import build_feature_bank, load_feature_bank
     from f2m_ray.pretrained import MODEL_CARD, PRETRAINED_ROOT, SHIPPED_MODEL
 
     out = args.out or os.path.join(PRETRAINED_ROOT, SHIPPED_MODEL)

@@ -27,7 +27,7 @@ def ray_local():
     """One embedded Ray for the test session (started on first use, ended at the end)."""
     import ray
 
-    from f2m_ray.runtime import ensure_ray
+    from f2m_ray.runtime.cluster import ensure_ray
 
     ensure_ray()
     yield ray

@@ -8,8 +8,8 @@ import pathlib
 import subprocess
 import sys
 
-PURE = ("f2m_ray.networks", "f2m_ray.losses", "f2m_ray.augment", "f2m_ray.step", "f2m_ray.mixing",
-        "f2m_ray.metrics", "f2m_ray.labels", "f2m_ray.config")
+PURE = ("f2m_ray.core.networks", "f2m_ray.core.losses", "f2m_ray.core.augment", "f2m_ray.core.step", "f2m_ray.core.mixing",
+        "f2m_ray.core.metrics", "f2m_ray.labels", "f2m_ray.config")
 HEAVY = ("ray", "fsspec", "s3fs", "pyarrow")
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "f2m_ray"
 

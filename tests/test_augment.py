@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from f2m_ray.augment import DIFF_AUGMENT_SHIFT, augment, diff_augment, random_brightness_contrast, random_crops, random_flips
+from f2m_ray.core.augment import DIFF_AUGMENT_SHIFT, augment, diff_augment, random_brightness_contrast, random_crops, random_flips
 
 
 def _images(batch=64, size=16):

@@ -16,8 +16,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
-from f2m_ray import cbis_ddsm
-from f2m_ray.cbis_ddsm import DicomIndex, map_margin, map_shape, read_case_rows
+from f2m_ray.data import cbis_ddsm
+from f2m_ray.data.cbis_ddsm import DicomIndex, map_margin, map_shape, read_case_rows
 from f2m_ray.errors import F2MError
 from f2m_ray.labels import MARGINS, SHAPES
 

@@ -7,7 +7,7 @@ import torch
 from f2m_ray import checkpoint
 from f2m_ray.config import PRESETS
 from f2m_ray.errors import F2MError
-from f2m_ray.networks import build_networks
+from f2m_ray.core.networks import build_networks
 
 
 @pytest.fixture()

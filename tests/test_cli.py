@@ -7,7 +7,7 @@ import torch
 
 from f2m_ray.checkpoint import save_checkpoint
 from f2m_ray.config import PRESETS
-from f2m_ray.networks import build_networks
+from f2m_ray.core.networks import build_networks
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -10,14 +10,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from f2m_ray import evaluate as evaluate_module
-from f2m_ray import judge as judge_module
-from f2m_ray import usefulness as usefulness_module
+from f2m_ray.evaluation import evaluate as evaluate_module
+from f2m_ray.evaluation import judge as judge_module
+from f2m_ray.evaluation import usefulness as usefulness_module
 from f2m_ray.errors import F2MError
-from f2m_ray.feature_bank import write_feature_bank
+from f2m_ray.bank import write_feature_bank
 from f2m_ray.labels import parse_category
-from f2m_ray.phantom import generate_phantoms
-from f2m_ray.readers import assign_split, to_model_range
+from f2m_ray.data.phantom import generate_phantoms
+from f2m_ray.data.readers import assign_split, to_model_range
 from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, SYNTHETIC_SCHEMA, image_column, png_bytes, write_table
 from f2m_ray_cli.main import _register, cli
 

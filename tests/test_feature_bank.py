@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from f2m_ray.checkpoint import load_checkpoint
 from f2m_ray.config import PRESETS
 from f2m_ray.errors import F2MError
-from f2m_ray.feature_bank import BANK_FILE, load_feature_bank, write_feature_bank
+from f2m_ray.bank import BANK_FILE, load_feature_bank, write_feature_bank
 from f2m_ray.labels import parse_category
-from f2m_ray.phantom import generate_phantoms
-from f2m_ray.readers import assign_split, to_model_range
+from f2m_ray.data.phantom import generate_phantoms
+from f2m_ray.data.readers import assign_split, to_model_range
 from f2m_ray.schema import BANK_METADATA_KEY
 from f2m_ray_cli.main import _register, cli
 from test_synthesize import make_checkpoint
@@ -126,7 +126,7 @@ def test_s3_round_trip(bank, s3_bucket):
 def test_actor_plans(monkeypatch):
     import ray
 
-    from f2m_ray import feature_bank
+    from f2m_ray import bank as feature_bank
 
     monkeypatch.setattr(feature_bank, "local_cores", lambda: 2)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -7,15 +7,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from f2m_ray import judge as judge_module
-from f2m_ray import metrics
+from f2m_ray.evaluation import judge as judge_module
+from f2m_ray.core import metrics
 from f2m_ray.errors import F2MError
-from f2m_ray.feature_bank import default_bank_path, load_feature_bank
+from f2m_ray.bank import default_bank_path, load_feature_bank
 from f2m_ray.labels import parse_category
-from f2m_ray.mixing import plan_sample
-from f2m_ray.readers import to_model_range
+from f2m_ray.core.mixing import plan_sample
+from f2m_ray.data.readers import to_model_range
 from f2m_ray.schema import MANIFEST_NAME, decode_png
-from f2m_ray.synthesize import resolve, synthesize
+from f2m_ray.synth.driver import resolve, synthesize
 from f2m_ray.synthetic import read_table
 from f2m_ray_cli.main import _register, cli
 from test_judge import TINY
@@ -188,7 +188,7 @@ def test_guard_arguments_are_checked(model, judge, tmp_path):
 def test_cli_guard_error_is_one_line_and_the_summary_counts_rejections(model, tmp_path, monkeypatch):
     from functools import partial
 
-    from f2m_ray import synthesize as synthesis
+    from f2m_ray.synth import driver as synthesis
 
     _register()
     runner = CliRunner()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from f2m_ray import images
-from f2m_ray.images import ImageProblem, Pixels, crop_window, decode, fit_square, mask_window, model_image, window
+from f2m_ray.core import images
+from f2m_ray.core.images import ImageProblem, Pixels, crop_window, decode, fit_square, mask_window, model_image, window
 from test_cbis_ddsm import write_dicom
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from f2m_ray import judge as judge_module
+from f2m_ray.evaluation import judge as judge_module
 from f2m_ray.errors import F2MError
-from f2m_ray.judge import JudgeConfig, JudgeTrainConfig, LabeledArrays
+from f2m_ray.evaluation.judge import JudgeConfig, JudgeTrainConfig, LabeledArrays
 from f2m_ray_cli.main import _register, cli
 
 # A narrow judge: the same code paths in a fraction of the time.
@@ -41,8 +41,8 @@ def test_shapes_and_features():
     margin, shape = model(torch.zeros(3, 1, 64, 64))
     assert margin.shape == (3, 5) and shape.shape == (3, 5)
     assert model.features(torch.zeros(3, 64, 64)).shape == (3, 128)  # (B, H, W) accepted too
-    # Nothing shared with the GAN: no parameter of the judge comes from f2m_ray.networks modules.
-    from f2m_ray.networks import Discriminator
+    # Nothing shared with the GAN: no parameter of the judge comes from f2m_ray.core.networks modules.
+    from f2m_ray.core.networks import Discriminator
 
     assert not any(isinstance(m, Discriminator) for m in model.modules())
     with pytest.raises(F2MError, match="divisible"):

@@ -2,8 +2,8 @@ import numpy as np
 import torch
 
 from f2m_ray.config import PRESETS
-from f2m_ray.losses import DiscriminatorOutputs, discriminator_loss, generator_loss
-from f2m_ray.networks import build_networks
+from f2m_ray.core.losses import DiscriminatorOutputs, discriminator_loss, generator_loss
+from f2m_ray.core.networks import build_networks
 
 
 def _toy(b=8, seed=0):
@@ -94,7 +94,7 @@ def test_fake_label_weight_scales_only_the_label_term_on_fakes():
 
 def test_d_augment_changes_what_d_sees_only_when_set():
     """Feature2MassStep shows D augmented images iff d_augment; the same generator seed repeats a step."""
-    from f2m_ray.step import Feature2MassStep, make_optimizers
+    from f2m_ray.core.step import Feature2MassStep, make_optimizers
 
     preset = PRESETS["tiny"]
     images, margins, shapes = _toy(8)
@@ -121,8 +121,8 @@ def test_d_augment_changes_what_d_sees_only_when_set():
 
 
 def test_torch_variance_preserving_mix_matches_the_synthesis_mix():
-    from f2m_ray.mixing import mix_rows
-    from f2m_ray.networks import variance_preserving_mix
+    from f2m_ray.core.mixing import mix_rows
+    from f2m_ray.core.networks import variance_preserving_mix
 
     g = torch.Generator().manual_seed(0)
     features = torch.randn(6, 16, generator=g, dtype=torch.float64)
@@ -138,7 +138,7 @@ def test_mix_training_shows_d_decoded_mixes_of_one_category():
     """lambda_mix > 0: from the second step on (centroids known) D and G also see mixes, labelled."""
     from dataclasses import replace
 
-    from f2m_ray.step import MIX_METRICS, STEP_METRICS, Feature2MassStep, make_optimizers
+    from f2m_ray.core.step import MIX_METRICS, STEP_METRICS, Feature2MassStep, make_optimizers
 
     preset = PRESETS["tiny"]
     images, _, _ = _toy(8)
@@ -191,7 +191,7 @@ def test_generator_learns_through_the_discriminators_alone():
     """With the L1 and label weights at 0, G's only gradient is D's verdict on its fakes: it must reach G."""
     from dataclasses import replace
 
-    from f2m_ray.step import Feature2MassStep, make_optimizers
+    from f2m_ray.core.step import Feature2MassStep, make_optimizers
 
     preset = PRESETS["tiny"]
     images, margins, shapes = _toy(8)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from f2m_ray import metrics
+from f2m_ray.core import metrics
 
 
 def gaussian(n, mean, std, seed):

@@ -4,7 +4,7 @@ from math import comb
 import numpy as np
 import pytest
 
-from f2m_ray import mixing
+from f2m_ray.core import mixing
 from f2m_ray.errors import F2MError
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from f2m_ray.config import PRESETS
-from f2m_ray.networks import Discriminator, Generator, build_networks, count_parameters
+from f2m_ray.core.networks import Discriminator, Generator, build_networks, count_parameters
 
 
 def _batch(b=4):

@@ -1,4 +1,4 @@
-"""Tests for f2m_ray.phantom and `f2m-ray phantoms`."""
+"""Tests for f2m_ray.data.phantom and `f2m-ray phantoms`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 
 from f2m_ray.errors import F2MError
 from f2m_ray.labels import MARGINS, SHAPES, Category, all_categories
-from f2m_ray.phantom import (
+from f2m_ray.data.phantom import (
     DEFAULT_CATEGORIES,
     _render,
     contact_sheet,

@@ -14,7 +14,7 @@ import torch
 
 from f2m_ray.checkpoint import load_generator
 from f2m_ray.errors import F2MError
-from f2m_ray.feature_bank import load_feature_bank
+from f2m_ray.bank import load_feature_bank
 from f2m_ray.pretrained import MODEL_CARD, SHIPPED_MODEL, model_card, named_model, shipped_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Starting Ray and owning the console: f2m_ray.runtime."""
+"""Starting Ray and owning the console: f2m_ray.runtime.cluster."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ NOISE = (b"[2026-12-03 13:21:16,707 E 2648 2648] core_worker.cc:2465: Actor with
 def test_the_stderr_filter_drops_only_the_native_noise_and_loses_nothing_else():
     child = f"""
 import os, sys
-from f2m_ray.runtime import NativeStderrFilter
+from f2m_ray.runtime.cluster import NativeStderrFilter
 f = NativeStderrFilter()
 os.write(2, b"first line\\n")
 os.write(2, {NOISE!r} + b"\\n")
@@ -50,7 +50,7 @@ def test_embedded_ray_starts_whatever_a_dead_ray_start_cluster_left_behind():
             f.write("127.0.0.1:6399\n")
         env = {**os.environ, "RAY_TMPDIR": temp}
         env.pop("RAY_ADDRESS", None)
-        child = "from f2m_ray.runtime import ensure_ray; ensure_ray(); import ray; print(ray.cluster_resources()['CPU'])"
+        child = "from f2m_ray.runtime.cluster import ensure_ray; ensure_ray(); import ray; print(ray.cluster_resources()['CPU'])"
         result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.split()[-1]) >= 4  # our own embedded Ray, with its oversubscribed CPU slots

@@ -19,13 +19,13 @@ from click.testing import CliRunner
 from f2m_ray.checkpoint import load_checkpoint, save_checkpoint
 from f2m_ray.config import PRESETS
 from f2m_ray.errors import F2MError
-from f2m_ray.feature_bank import default_bank_path, load_feature_bank, write_feature_bank
+from f2m_ray.bank import default_bank_path, load_feature_bank, write_feature_bank
 from f2m_ray.labels import parse_category
-from f2m_ray.networks import build_networks
-from f2m_ray.phantom import generate_phantoms
-from f2m_ray.readers import assign_split, to_model_range
+from f2m_ray.core.networks import build_networks
+from f2m_ray.data.phantom import generate_phantoms
+from f2m_ray.data.readers import assign_split, to_model_range
 from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, png_bytes, to_uint8
-from f2m_ray.synthesize import SynthesisConfig, resolve, synthesize
+from f2m_ray.synth.driver import SynthesisConfig, resolve, synthesize
 from f2m_ray.synthetic import SyntheticTorchDataset, open_synthetic, read_table
 from f2m_ray_cli.main import _register, cli
 

@@ -8,7 +8,7 @@ import torch
 
 from f2m_ray.errors import F2MError
 from f2m_ray.schema import MANIFEST_NAME, decode_png
-from f2m_ray.synthesize import SynthesisConfig, synthesize
+from f2m_ray.synth.driver import SynthesisConfig, synthesize
 from f2m_ray.synthetic import (
     SyntheticTorchDataset,
     inspect_dataset,

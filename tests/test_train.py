@@ -15,9 +15,9 @@ from PIL import Image
 from f2m_ray.checkpoint import find_checkpoint, load_checkpoint, read_metadata, save_checkpoint
 from f2m_ray.config import PRESETS
 from f2m_ray.errors import F2MError
-from f2m_ray.networks import build_networks
+from f2m_ray.core.networks import build_networks
 from f2m_ray.storage import filesystem, join
-from f2m_ray.train import (
+from f2m_ray.train.driver import (
     RunOptions,
     describe_run,
     feature_bank_available,
@@ -25,7 +25,7 @@ from f2m_ray.train import (
     state_checksum,
     train,
 )
-from f2m_ray.train_report import read_metrics
+from f2m_ray.train.report import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]
@@ -267,7 +267,7 @@ def test_dry_run_prints_without_starting_ray(tmp_path):
 
 
 def test_epoch_line_shows_the_mix_term_only_when_trained():
-    from f2m_ray.train_report import format_epoch_line
+    from f2m_ray.train.report import format_epoch_line
 
     row = {"epoch": 3, "images_per_second": 50.0, "d_margin_loss": 1.0, "d_shape_loss": 2.0, "g_loss": 3.0,
            "g_adversarial": 0.7, "l1": 0.08, "val_l1": 0.09, "val_margin_accuracy": 0.5, "val_shape_accuracy": 0.25}
@@ -278,7 +278,7 @@ def test_epoch_line_shows_the_mix_term_only_when_trained():
 
 
 def test_mix_weight_flag_and_loss_table(tmp_path):
-    from f2m_ray.train import resolve_run
+    from f2m_ray.train.driver import resolve_run
 
     preset, _ = resolve_run(None, "small", loss_overrides={"lambda_mix": 0.5})
     assert preset.loss.lambda_mix == 0.5 and preset.loss.fake_label_weight == 0.1  # the rest of small stays
@@ -295,7 +295,7 @@ def test_mix_weight_flag_and_loss_table(tmp_path):
 
 
 def test_relative_paths_mean_the_folder_the_command_ran_in(tmp_path, monkeypatch):
-    from f2m_ray.train import resolve_run
+    from f2m_ray.train.driver import resolve_run
 
     monkeypatch.chdir(tmp_path)
     _, options = resolve_run(None, "tiny", run_overrides={"storage": "runs", "name": "demo", "data": "rois/labels.csv"})

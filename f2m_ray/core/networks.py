@@ -121,7 +121,7 @@ class Generator(nn.Module):
 
 
 def variance_preserving_mix(features: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Rows ``c + sum_j w_j (v_j - c_j) / ||w||_2`` (f2m_ray.mixing.mix_rows in torch).
+    """Rows ``c + sum_j w_j (v_j - c_j) / ||w||_2`` (f2m_ray.core.mixing.mix_rows in torch).
 
     features (B, D); weights (M, B), each row non-negative, summing to 1, nonzero only on
     members of one category; centroids (B, D), each member's category centroid -> (M, D).

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from f2m_ray import metrics
+from f2m_ray.core import metrics
 from f2m_ray.config import _build as build_dataclass
-from f2m_ray.judge import JudgeConfig, JudgeTrainConfig, fit, new_judge, predict
+from f2m_ray.evaluation.judge import JudgeConfig, JudgeTrainConfig, fit, new_judge, predict
 from f2m_ray.labels import MARGINS, SHAPES
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)

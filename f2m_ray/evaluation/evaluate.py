@@ -1,7 +1,7 @@
 """`f2m-ray evaluate`: how good, how faithful, how new and how useful a synthetic dataset is.
 
 Inputs: a finished synthetic dataset (Parquet shards + ``_manifest.json``), the real labeled
-data (any `f2m_ray.readers` source) and optionally a judge (f2m_ray.judge; trained here on the
+data (any `f2m_ray.data.readers` source) and optionally a judge (f2m_ray.evaluation.judge; trained here on the
 real training split when none is given). Output: ``REPORT_DIR/report.json`` and a
 self-contained ``REPORT_DIR/report.html`` (images inline), the JSON written last.
 
@@ -56,11 +56,11 @@ from typing import Any
 import numpy as np
 
 from f2m_ray import __version__
-from f2m_ray import metrics
+from f2m_ray.core import metrics
 from f2m_ray.errors import F2MError, first_line
 from f2m_ray.labels import MARGINS, SHAPES
 from f2m_ray.storage import filesystem, join
-from f2m_ray.usefulness import USEFULNESS_LABELS, Runner, run_in_process, run_on_ray, scarce_usefulness, usefulness
+from f2m_ray.evaluation.usefulness import USEFULNESS_LABELS, Runner, run_in_process, run_on_ray, scarce_usefulness, usefulness
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -85,7 +85,7 @@ class EvaluateConfig:
     # uniformly from the union, where 200 real rows next to 10,000 synthetic are 2% of what it sees.
     usefulness_real_share: float | None = 0.5
     usefulness: bool = True  # train the usefulness classifiers (the slowest step)
-    usefulness_protocol: str = "scarce"  # "scarce" (f2m_ray.usefulness) or "classic" (R real / R + S / S)
+    usefulness_protocol: str = "scarce"  # "scarce" (f2m_ray.evaluation.usefulness) or "classic" (R real / R + S / S)
     usefulness_seeds: int = 3  # scarce: classifier seeds per arm (mean and sd)
     mixup_alpha: float = 0.4  # scarce: Beta(a, a) of the real + mixup arm
     judge_epochs: int = 100  # epochs for a judge trained here (no --judge)
@@ -153,7 +153,7 @@ class SyntheticArrays:
 
 def read_synthetic(path: str, progress: Progress | None = None) -> SyntheticArrays:
     """Decode a finished synthetic dataset (refused without its manifest) into arrays."""
-    from f2m_ray.readers import to_model_range
+    from f2m_ray.data.readers import to_model_range
     from f2m_ray.schema import decode_png
     from f2m_ray.synthetic import read_manifest, read_table
 
@@ -316,9 +316,9 @@ def evaluate(
     echo: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Evaluate a synthetic dataset against real data; writes REPORT_DIR/report.{html,json}; returns the report."""
-    from f2m_ray.judge import collect_labeled, load_judge
-    from f2m_ray.readers import read_labeled
-    from f2m_ray.runtime import ensure_ray
+    from f2m_ray.evaluation.judge import collect_labeled, load_judge
+    from f2m_ray.data.readers import read_labeled
+    from f2m_ray.runtime.cluster import ensure_ray
 
     started = time.perf_counter()
     check_config(config)
@@ -352,7 +352,7 @@ def evaluate(
 
 def gan_training_ids(manifest: dict[str, Any]) -> tuple[set[str] | None, str]:
     """The roi ids the GAN trained on, from the feature bank the manifest names: (ids or None, where from)."""
-    from f2m_ray.feature_bank import load_feature_bank
+    from f2m_ray.bank import load_feature_bank
 
     bank = (manifest.get("arguments") or {}).get("bank")
     if not bank:
@@ -385,8 +385,8 @@ def default_device() -> str:
 
 def evaluate_arrays(
     synthetic: SyntheticArrays,
-    real_all,  # f2m_ray.judge.LabeledArrays: every real row, with its split
-    judge=None,  # f2m_ray.judge.LoadedJudge, or None to train one on the real training split
+    real_all,  # f2m_ray.evaluation.judge.LabeledArrays: every real row, with its split
+    judge=None,  # f2m_ray.evaluation.judge.LoadedJudge, or None to train one on the real training split
     config: EvaluateConfig = EvaluateConfig(),
     inputs: dict[str, Any] | None = None,
     progress: Progress | None = None,
@@ -399,7 +399,7 @@ def evaluate_arrays(
 
     `gan_train_ids`: the roi ids the GAN trained on; None means the rows of split "train".
     """
-    from f2m_ray.judge import JudgeConfig, JudgeTrainConfig, predict, train_judge
+    from f2m_ray.evaluation.judge import JudgeConfig, JudgeTrainConfig, predict, train_judge
 
     started = time.perf_counter()
     inputs = dict(inputs or {})

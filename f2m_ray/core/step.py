@@ -1,6 +1,6 @@
 """One optimisation step of Feature2Mass (eq. 3-5, plus the optional mix terms), pure PyTorch.
 
-Used by the Ray Train workers (f2m_ray.train) and by the single-process benchmark loops, so both
+Used by the Ray Train workers (f2m_ray.train.driver) and by the single-process benchmark loops, so both
 do exactly the same work per step. No Ray, no I/O.
 """
 
@@ -11,10 +11,10 @@ from itertools import chain
 
 import torch
 
-from f2m_ray.augment import diff_augment
+from f2m_ray.core.augment import diff_augment
 from f2m_ray.config import LossConfig, TrainConfig
 from f2m_ray.labels import MARGINS, SHAPES
-from f2m_ray.losses import (
+from f2m_ray.core.losses import (
     DiscriminatorOutputs,
     discriminator_loss,
     generator_loss,

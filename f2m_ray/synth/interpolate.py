@@ -39,8 +39,8 @@ def interpolate(model: str, seeds: list[str], steps: int = 8, bank: str | None =
     import torch
 
     from f2m_ray.checkpoint import find_checkpoint, load_generator
-    from f2m_ray.feature_bank import default_bank_path, load_feature_bank
-    from f2m_ray.mixing import barycentric_grid, line_weights, mix
+    from f2m_ray.bank import default_bank_path, load_feature_bank
+    from f2m_ray.core.mixing import barycentric_grid, line_weights, mix
 
     seeds = [s.strip() for s in seeds if s.strip()]
     if len(seeds) not in (2, 3):

@@ -37,7 +37,7 @@ import numpy as np
 from f2m_ray import __version__
 from f2m_ray.dataset_card import CARD_NAME, card_text, is_our_card
 from f2m_ray.errors import F2MError, first_line
-from f2m_ray.feature_bank import (
+from f2m_ray.bank import (
     SEED_SPLITS,
     ActorPlan,
     FeatureBank,
@@ -49,7 +49,7 @@ from f2m_ray.feature_bank import (
     worker_runtime_env,
 )
 from f2m_ray.labels import Category, UnknownLabelError, parse_category
-from f2m_ray.mixing import DEFAULT_SCHEME, mix_rows, scheme
+from f2m_ray.core.mixing import DEFAULT_SCHEME, mix_rows, scheme
 from f2m_ray.pretrained import DEFAULT_OUT
 from f2m_ray.schema import (
     HF_FEATURES,
@@ -82,7 +82,7 @@ class SynthesisConfig:
     model: str | None = None  # checkpoint (dir or run folder) or "pretrained[:NAME]"; default: see resolve()
     bank: str | None = None  # feature bank; default: <checkpoint>/feature_bank.parquet
     storage: str | None = None  # where to look for the newest finished run (f2m_ray.pretrained.default_storage)
-    mixing: str = DEFAULT_SCHEME  # mixing scheme (f2m_ray.mixing.SCHEMES)
+    mixing: str = DEFAULT_SCHEME  # mixing scheme (f2m_ray.core.mixing.SCHEMES)
     k: int | None = None  # seeds mixed per sample; default: the scheme's (paper 3.4: 20)
     step: float = 0.05  # weight grid (paper 3.4)
     alpha: float | None = None  # Dirichlet concentration; default: the scheme's (1 = uniform over grid compositions)
@@ -246,7 +246,7 @@ def _check_numbers(c: SynthesisConfig) -> None:
             raise F2MError("--min-label-confidence needs a judge to score the masses: add --judge JUDGE")
     if c.min_seed_distance is not None and not c.min_seed_distance > 0:
         raise F2MError(f"--min-seed-distance must be > 0 (RMS pixel distance, images in [-1, 1]), got {c.min_seed_distance}")
-    from f2m_ray.mixing import grid_units
+    from f2m_ray.core.mixing import grid_units
 
     grid_units(c.step)
 
@@ -353,7 +353,7 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
         raise F2MError(f"the bank has {bank.feature_dim}-d features, the model expects {feature_dim}-d")
     judge_path = judge_id = None
     if c.judge:
-        from f2m_ray.judge import read_judge_metadata
+        from f2m_ray.evaluation.judge import read_judge_metadata
 
         judge_path = absolute(c.judge)
         judge_meta = read_judge_metadata(judge_path)  # format and vocabulary checked
@@ -544,7 +544,7 @@ class ShardSynthesizer:
             raise F2MError(f"the feature bank {spec['bank']} changed during the run")
         self.judge = None
         if spec.get("judge"):
-            from f2m_ray.judge import load_judge
+            from f2m_ray.evaluation.judge import load_judge
 
             loaded = load_judge(spec["judge"])
             if loaded.judge_id != spec["judge_id"]:
@@ -627,8 +627,8 @@ class ShardSynthesizer:
         """Plan, mix, decode and score candidate `attempt` of samples `indices` (at most one decode batch)."""
         import torch
 
-        from f2m_ray.mixing import plan_sample
-        from f2m_ray.readers import to_model_range
+        from f2m_ray.core.mixing import plan_sample
+        from f2m_ray.data.readers import to_model_range
 
         spec = self.spec
         b = len(indices)
@@ -911,7 +911,7 @@ def _run_on_ray(run: ResolvedRun, todo: list[Shard], progress: _Progress) -> Non
     """The shards through one Ray Data operator: an actor pool of ShardSynthesizers."""
     import ray
 
-    from f2m_ray.runtime import ensure_ray
+    from f2m_ray.runtime.cluster import ensure_ray
 
     ensure_ray()
     _quiet_ray_data()
@@ -960,7 +960,7 @@ def _run_in_process(run: ResolvedRun, todo: list[Shard], progress: _Progress) ->
     """The same work in this process, shard after shard (small runs, tests, benchmarks)."""
     import torch
 
-    from f2m_ray.feature_bank import local_cores
+    from f2m_ray.bank import local_cores
 
     gpu = torch.cuda.is_available()
     actors = ActorPlan(actors=1, torch_threads=local_cores(), num_cpus=0, num_gpus=1 if gpu else 0)

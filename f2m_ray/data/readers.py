@@ -19,16 +19,16 @@ Sources (``fmt``; ``auto`` picks by looking at ``data``):
                    resolve against the manifest's folder. Images: PNG/JPEG/TIFF (8 or 16
                    bit) or DICOM. This is what ``f2m-ray phantoms`` writes.
     ``cbis-ddsm``  the CBIS-DDSM mass case-description CSVs plus the DICOM download
-                   (f2m_ray.cbis_ddsm: label policy and path resolution).
+                   (f2m_ray.data.cbis_ddsm: label policy and path resolution).
 
-Labels go through one policy for both file formats (f2m_ray.cbis_ddsm.map_margin/map_shape:
+Labels go through one policy for both file formats (f2m_ray.data.cbis_ddsm.map_margin/map_shape:
 compound values map to their most suspicious component or are dropped, N/A and values
 outside the vocabulary are dropped); every dropped row is counted under its reason.
 
 ROI source (``roi_source``): ``cropped`` decodes the ROI image as it is (the manifest's
 ``path``, CBIS-DDSM's cropped image); ``mask`` crops a square around the ROI mask from the
 full image with a margin (the manifest's ``mask_path`` over ``path``; CBIS-DDSM's ROI mask
-over the full mammogram). Then the windowing and resize rules of f2m_ray.images.
+over the full mammogram). Then the windowing and resize rules of f2m_ray.core.images.
 
 Split: by patient (rows without a patient id are their own patient). The val patients are
 the ``round(val_fraction * patients)`` ones (at least one when there are two or more
@@ -57,7 +57,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from f2m_ray import cbis_ddsm, images
+from f2m_ray.data import cbis_ddsm
+
+from f2m_ray.core import images
 from f2m_ray.errors import F2MError, first_line
 from f2m_ray.labels import MARGINS, SHAPES
 from f2m_ray.storage import filesystem, is_remote, join
@@ -102,7 +104,7 @@ class DecodeOptions:
     """How decode tasks turn files into 64x64 rows (travels to Ray tasks as a dict)."""
 
     roi_source: str = "cropped"  # 'cropped': the ROI image as is; 'mask': crop around the mask
-    window: str = "auto"  # windowing rule, f2m_ray.images
+    window: str = "auto"  # windowing rule, f2m_ray.core.images
     mask_margin: float = images.DEFAULT_MASK_MARGIN  # context around the mask box, per side
     size: int = IMAGE_SIZE  # output side in pixels
 
@@ -234,15 +236,15 @@ def read_phantoms(n: int, seed: int = 0, val_fraction: float = 0.1) -> ReadResul
     """Phantoms 0 .. n-1 of `seed`, rendered in parallel by Ray Data (one patient per phantom)."""
     import ray
 
-    from f2m_ray.phantom import DEFAULT_CATEGORIES, phantom_category
-    from f2m_ray.runtime import ensure_ray
+    from f2m_ray.data.phantom import DEFAULT_CATEGORIES, phantom_category
+    from f2m_ray.runtime.cluster import ensure_ray
 
     if n < 2:
         raise F2MError(f"need at least 2 phantoms, got {n}")
     ensure_ray()
 
     def render(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from f2m_ray.phantom import generate_phantoms
+        from f2m_ray.data.phantom import generate_phantoms
 
         ids = batch["id"]
         rows = list(generate_phantoms(int(ids[-1]) + 1, seed, DEFAULT_CATEGORIES, start=int(ids[0])))
@@ -403,7 +405,7 @@ def read_cbis_ddsm(
     compound: str = "most-suspicious",
     image_root: str | None = None,
 ) -> ReadResult:
-    """CBIS-DDSM mass CSV(s) plus the DICOM download (f2m_ray.cbis_ddsm)."""
+    """CBIS-DDSM mass CSV(s) plus the DICOM download (f2m_ray.data.cbis_ddsm)."""
     csvs = cbis_ddsm.csv_files(path)
     rows: list[tuple[str, int, dict]] = []  # (CSV, data row number in it, row)
     for csv_path in csvs:
@@ -509,7 +511,7 @@ def _decode(jobs, drops: _Drops, mapped: Counter, val_fraction, seed, options: D
             what: str, fmt: str) -> ReadResult:
     import ray
 
-    from f2m_ray.runtime import ensure_ray
+    from f2m_ray.runtime.cluster import ensure_ray
 
     split_of = split_by_patient([j["patient_id"] for j in jobs], val_fraction, seed)
     for job in jobs:

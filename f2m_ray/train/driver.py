@@ -46,17 +46,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from f2m_ray.augment import augment
+from f2m_ray.core.augment import augment
 from f2m_ray.checkpoint import find_checkpoint, load_checkpoint, read_metadata, save_checkpoint
 from f2m_ray.config import Preset, TrainConfig, get_preset, load_config_file
 from f2m_ray.errors import F2MError
 from f2m_ray.labels import MARGINS, SHAPES, Category
-from f2m_ray.networks import build_networks
+from f2m_ray.core.networks import build_networks
 from f2m_ray.pretrained import DEFAULT_STORAGE, default_storage
-from f2m_ray.runtime import quiet_train_reports
-from f2m_ray.step import Feature2MassStep, make_optimizers, to_model_batch, unwrap
+from f2m_ray.runtime.cluster import quiet_train_reports
+from f2m_ray.core.step import Feature2MassStep, make_optimizers, to_model_batch, unwrap
 from f2m_ray.storage import arrow_filesystem, filesystem, is_remote, join
-from f2m_ray.train_report import (
+from f2m_ray.train.report import (
     LOSS_CURVE_FILE,
     SAMPLES_DIR,
     format_epoch_line,
@@ -72,7 +72,7 @@ from f2m_ray.train_report import (
 SAMPLES_PER_CATEGORY = 4  # real ROIs per category row of the sample grid
 VAL_BATCH = 512  # held-out rows per evaluation batch (D is evaluated with batch statistics)
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
-FEATURE_BANK_MODULE = "f2m_ray.feature_bank"
+FEATURE_BANK_MODULE = "f2m_ray.bank"
 # Environment variables the workers need to reach the same S3 endpoint as the driver.
 _FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
@@ -94,7 +94,7 @@ class RunOptions:
     """Where and how to run (the preset says what to train)."""
 
     data: str = "phantom"  # phantom | phantom:N | manifest PATH or s3:// URL
-    data_format: str = "auto"  # passed to f2m_ray.readers.read_labeled
+    data_format: str = "auto"  # passed to f2m_ray.data.readers.read_labeled
     workers: int | None = None  # training workers; None: one per GPU, else 2 CPU workers
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     storage: str = DEFAULT_STORAGE  # local folder or s3:// URL; the run folder is storage/name
@@ -579,7 +579,7 @@ def prepare_data(preset: Preset, options: RunOptions) -> PreparedData:
     """Read the labeled ROIs once, split by the `split` column, refuse unusable data (one line)."""
     import ray
 
-    from f2m_ray.readers import read_labeled
+    from f2m_ray.data.readers import read_labeled
 
     cfg = preset.train
     read = read_labeled(options.data, options.data_format, cfg.val_fraction, cfg.seed)
@@ -767,7 +767,7 @@ def train(
     Checks that need no cluster (options, storage, the stored preset of a resumed run) come
     first; `start_ray` (default ``ensure_ray``) is called only after they pass.
     """
-    from f2m_ray.runtime import ensure_ray
+    from f2m_ray.runtime.cluster import ensure_ray
 
     cfg = preset.train
     _check_train_config(cfg, options)
@@ -886,7 +886,7 @@ def _maybe_feature_bank(checkpoint: str, preset: Preset, options: RunOptions, ec
     if not options.feature_bank:
         return None
     if not feature_bank_available():
-        echo("feature bank: skipped (f2m_ray.feature_bank is not installed in this version)")
+        echo("feature bank: skipped (f2m_ray.bank is not installed in this version)")
         return None
     import importlib
 

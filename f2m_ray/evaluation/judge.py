@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from f2m_ray import __version__
-from f2m_ray.augment import augment
+from f2m_ray.core.augment import augment
 from f2m_ray.checkpoint import model_id, read_format_metadata, read_torch, strip_ddp, write_torch
 from f2m_ray.config import _build as build_dataclass
 from f2m_ray.errors import F2MError, first_line
 from f2m_ray.labels import MARGINS, SHAPES, check_vocabulary, vocabulary
-from f2m_ray.metrics import head_accuracies
+from f2m_ray.core.metrics import head_accuracies
 from f2m_ray.storage import filesystem, is_remote, join
 
 FORMAT = "f2m-ray-judge"
@@ -371,7 +371,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from f2m_ray.train import threads_per_worker
+    from f2m_ray.train.driver import threads_per_worker
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -416,7 +416,7 @@ def train_judge_on_ray(
 ) -> dict[str, Any]:
     """Train a judge with Ray Train (TorchTrainer, DDP over `num_workers`); rank 0 writes it to `out`.
 
-    Same conventions as `f2m_ray.train`: resources per worker, torch threads per worker, S3
+    Same conventions as `f2m_ray.train.driver`: resources per worker, torch threads per worker, S3
     settings forwarded to the workers, a worker's F2MError surfaced as one line. Returns the
     judge's report (held-out accuracy), read back from what rank 0 wrote. The labeled arrays
     travel once through the object store; every worker trains on its slice of each batch.
@@ -428,7 +428,7 @@ def train_judge_on_ray(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from f2m_ray.train import _unwrap_training_error, _worker_env, check_resources, cpu_per_worker
+    from f2m_ray.train.driver import _unwrap_training_error, _worker_env, check_resources, cpu_per_worker
 
     check_resources(num_workers, use_gpu, dict(ray.cluster_resources()))
     if not is_remote(out):

@@ -8,7 +8,7 @@ each ROI had in training (same val fraction and seed as the checkpoint's run), s
 that synthesis can restrict seeds to the training split (``seed_split="train"``) and
 the nearest-seed distance is measured against training ROIs of the category only.
 
-Ray Data maps the labeled rows (f2m_ray.readers) through an actor pool whose actors
+Ray Data maps the labeled rows (f2m_ray.data.readers) through an actor pool whose actors
 load the checkpoint once and encode in eval mode. The bank is small (a few thousand
 rows of ``feature_dim`` floats), so the driver gathers it, sorts it by roi_id and
 writes one Parquet file with its metadata (f2m_ray.schema). Never pickle.
@@ -73,7 +73,7 @@ def local_cores() -> int:
 def plan_actors(work_units: int, workers: int | None = None) -> ActorPlan:
     """Actor pool for `work_units` independent units: one per GPU, else cores split evenly.
 
-    Locally Ray's logical CPUs are oversubscribed (f2m_ray.runtime), so real cores come
+    Locally Ray's logical CPUs are oversubscribed (f2m_ray.runtime.cluster), so real cores come
     from the OS; on a cluster they come from Ray. Fewer units than cores: fewer actors
     with more threads each, so that no core idles.
     """
@@ -264,8 +264,8 @@ def build_feature_bank(
     import ray
 
     from f2m_ray.checkpoint import find_checkpoint, read_metadata
-    from f2m_ray.readers import read_labeled
-    from f2m_ray.runtime import ensure_ray
+    from f2m_ray.data.readers import read_labeled
+    from f2m_ray.runtime.cluster import ensure_ray
 
     from f2m_ray.storage import is_remote
 
