@@ -28,10 +28,14 @@ import pyarrow as pa
 import torch
 
 from f2m_ray.evaluation import evaluate as ev
+from f2m_ray.evaluation.inputs import read_synthetic
+from f2m_ray.evaluation.report_html import render_html
+from f2m_ray.evaluation.usefulness import run_in_process, run_on_ray
 from f2m_ray.evaluation.judge import JudgeConfig, JudgeTrainConfig, LabeledArrays, LoadedJudge, train_judge
 from f2m_ray.labels import PAPER_CATEGORIES, parse_category
 from f2m_ray.data.phantom import generate_phantoms
-from f2m_ray.data.readers import assign_split, to_model_range
+from f2m_ray.core.images import to_model_range
+from f2m_ray.data.rows import assign_split
 from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, SYNTHETIC_SCHEMA, image_column, png_bytes, write_table
 
 
@@ -141,12 +145,12 @@ def main() -> None:
             if done >= total:
                 timings[stage] = now - stage_start["t"]
 
-        runner = ev.run_in_process
+        runner = run_in_process
         if args.runner == "ray":
             from f2m_ray.runtime.cluster import ensure_ray
 
             ensure_ray()
-            runner = ev.run_on_ray
+            runner = run_on_ray
         t = time.perf_counter()
         judge_train_config = JudgeTrainConfig(epochs=args.judge_epochs)
         model, report = train_judge(real, JudgeConfig(), judge_train_config, device=args.device)
@@ -155,7 +159,7 @@ def main() -> None:
 
         total_start = time.perf_counter()
         t = time.perf_counter()
-        synthetic = ev.read_synthetic(tmp)
+        synthetic = read_synthetic(tmp)
         timings["read + decode synthetic"] = time.perf_counter() - t
         config = ev.EvaluateConfig(usefulness_steps=args.usefulness_steps)
         t = time.perf_counter()
@@ -163,7 +167,7 @@ def main() -> None:
                                              device=args.device, runner=runner)
         timings["evaluate (judging, metrics, usefulness)"] = time.perf_counter() - t
         t = time.perf_counter()
-        page = ev.render_html(result, figures)
+        page = render_html(result, figures)
         timings["render the page"] = time.perf_counter() - t
         total = time.perf_counter() - total_start
         if args.out:

@@ -38,7 +38,7 @@ from f2m_ray.evaluation.judge import load_judge, predict
 from f2m_ray.core.mixing import quantized_dirichlet
 from f2m_ray.core.networks import build_networks
 from f2m_ray.data.phantom import generate_phantoms
-from f2m_ray.data.readers import to_model_range
+from f2m_ray.core.images import to_model_range
 from f2m_ray.core.step import Feature2MassStep, make_optimizers
 
 

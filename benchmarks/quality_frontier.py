@@ -36,14 +36,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from f2m_ray.core import metrics  # noqa: E402
-from f2m_ray.evaluation.evaluate import (  # noqa: E402
-    EvaluateConfig,
-    ProgressPrinter,
-    evaluate_arrays,
-    gan_training_ids,
-    read_synthetic,
-    split_real,
-)
+from f2m_ray.evaluation.evaluate import EvaluateConfig, ProgressPrinter, evaluate_arrays  # noqa: E402
+from f2m_ray.evaluation.inputs import gan_training_ids, read_synthetic, split_real  # noqa: E402
 from f2m_ray.bank import default_bank_path, load_feature_bank  # noqa: E402
 from f2m_ray.labels import MARGINS, SHAPES  # noqa: E402
 from f2m_ray.core.mixing import SCHEMES  # noqa: E402
@@ -70,7 +64,8 @@ def contrast(images: np.ndarray) -> float:
 
 
 def synthesize_once(model: str, scheme: str, n: int, out: str, categories: list[str]) -> str:
-    from f2m_ray.synth.driver import SynthesisConfig, synthesize
+    from f2m_ray.synth.driver import synthesize
+    from f2m_ray.synth.plan import SynthesisConfig
 
     if os.path.exists(os.path.join(out, "_manifest.json")):
         return out
@@ -99,7 +94,7 @@ def reconstruction_figures(model: str, bank, real_all, heldout_mask: np.ndarray)
     import torch
 
     from f2m_ray.checkpoint import find_checkpoint, load_checkpoint
-    from f2m_ray.schema import to_uint8
+    from f2m_ray.core.images import to_uint8
 
     generator = load_checkpoint(find_checkpoint(model)).generator()
     with torch.inference_mode():

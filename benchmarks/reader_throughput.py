@@ -75,7 +75,7 @@ def build(root: Path, cases: int, full_size: tuple[int, int]) -> Path:
 def plain(csv_path: Path, roi_source: str) -> tuple[float, int]:
     """The readers' per-row work in one process; returns (seconds, rows)."""
     from f2m_ray.data import cbis_ddsm
-    from f2m_ray.data.readers import DecodeOptions, _load_roi
+    from f2m_ray.data.decode import DecodeOptions, _load_roi
 
     start = time.perf_counter()
     index = cbis_ddsm.DicomIndex.build(str(csv_path.parent))

@@ -32,15 +32,19 @@ import torch
 
 from f2m_ray.checkpoint import load_checkpoint, save_checkpoint
 from f2m_ray.config import get_preset
-from f2m_ray.bank import default_bank_path, load_feature_bank, local_cores, write_feature_bank
+from f2m_ray.bank import default_bank_path, load_feature_bank, write_feature_bank
+from f2m_ray.runtime.actors import local_cores
 from f2m_ray.labels import parse_category
 from f2m_ray.core.mixing import plan_sample
 from f2m_ray.core.networks import build_networks
 from f2m_ray.data.phantom import generate_phantoms
-from f2m_ray.data.readers import assign_split, to_model_range
-from f2m_ray.schema import png_bytes, to_uint8
+from f2m_ray.core.images import to_model_range
+from f2m_ray.data.rows import assign_split
+from f2m_ray.core.images import to_uint8
+from f2m_ray.schema import png_bytes
 from f2m_ray.core.mixing import mix_rows
-from f2m_ray.synth.driver import SynthesisConfig, synthesize
+from f2m_ray.synth.driver import synthesize
+from f2m_ray.synth.plan import SynthesisConfig
 
 CATEGORY = "spiculated-irregular"
 

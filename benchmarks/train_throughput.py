@@ -29,10 +29,12 @@ import torch
 from f2m_ray.core.augment import augment
 from f2m_ray.config import get_preset
 from f2m_ray.core.networks import build_networks
-from f2m_ray.data.phantom import DEFAULT_CATEGORIES, generate_phantoms
-from f2m_ray.data.readers import assign_split, to_model_range
+from f2m_ray.data.phantom import generate_phantoms
+from f2m_ray.data.phantom import DEFAULT_CATEGORIES
+from f2m_ray.core.images import to_model_range
+from f2m_ray.data.rows import assign_split
 from f2m_ray.core.step import Feature2MassStep, make_optimizers
-from f2m_ray.train.driver import threads_per_worker
+from f2m_ray.runtime.trainer import threads_per_worker
 
 
 @dataclass
@@ -101,7 +103,9 @@ def steady(timings: list[EpochTiming]) -> float:
 def ray_run(preset, data: str, epochs: int, workers: int):
     """f2m_ray.train.driver.train on local Ray; per-epoch timings from the run's metrics.jsonl."""
     from f2m_ray.runtime.cluster import ensure_ray
-    from f2m_ray.train.driver import RunOptions, quiet_console, train
+    from f2m_ray.runtime.console import quiet_ray_data
+    from f2m_ray.train.driver import train
+    from f2m_ray.train.options import RunOptions
     from f2m_ray.train.report import read_metrics
 
     with tempfile.TemporaryDirectory(prefix="f2m-bench-") as storage:
@@ -109,7 +113,7 @@ def ray_run(preset, data: str, epochs: int, workers: int):
                              feature_bank=False)
         summary = train(preset.with_train(epochs=epochs, sample_every=10**6, checkpoint_every=10**6), options,
                         echo=lambda line: print("  ray |", line),
-                        start_ray=lambda: (ensure_ray(log_to_driver=False), quiet_console()))
+                        start_ray=lambda: (ensure_ray(log_to_driver=False), quiet_ray_data()))
         rows = read_metrics(os.path.join(storage, "bench"))
     timings = [EpochTiming(r["epoch"], r["step"] - (rows[i - 1]["step"] if i else 0), r["images"],
                            r["train_seconds"], {}) for i, r in enumerate(rows)]
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{ray_rate:>14.1f}")
     print(f"ratio Ray Train / plain: {ray_rate / plain:.2f}")
     if single:
-        print(f"{f'plain loop (1 process x 1 thread)':34}{single[0].steps:>12}{steady(single):>14.1f}"
+        print(f"{'plain loop (1 process x 1 thread)':34}{single[0].steps:>12}{steady(single):>14.1f}"
               f"   (batch {preset.train.batch_size // args.workers}; x {args.workers} = {args.workers * steady(single):.1f} ideal)")
         print(f"Ray Train / ideal {args.workers}-way data parallelism: {results['efficiency_vs_ideal']:.2f}")
     print(f"Ray fixed start-up: {summary.startup_seconds:.1f} s from fit() to the first epoch, "

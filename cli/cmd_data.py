@@ -50,7 +50,8 @@ def check(source: str, fmt: str, roi_source: str, compound: str, window: str, ma
         for key, value in options.items():
             click.echo(f"{key:13s} {value}")
         return
-    from f2m_ray.data.readers import quiet_ray_data, read_labeled
+    from f2m_ray.data.readers import read_labeled
+    from f2m_ray.runtime.console import quiet_ray_data
 
     result = read_labeled(
         source, fmt, val_fraction, seed, roi_source=roi_source, compound=compound, window=window,
@@ -108,7 +109,7 @@ def report_lines(result) -> list[str]:
 def write_sheet(result, path: str) -> str:
     """Up to SHEET_PER_CATEGORY ROIs per category (model range mapped to grey), via phantom.contact_sheet."""
     from f2m_ray.labels import MARGINS, SHAPES
-    from f2m_ray.data.phantom import contact_sheet
+    from f2m_ray.data.phantom_files import contact_sheet
 
     wanted = set(result.per_category)
     chosen: dict[str, list[np.ndarray]] = {name: [] for name in sorted(wanted)}

@@ -61,11 +61,11 @@ def evaluate_command(synthetic: str, real: str, judge: str | None, out: str, fmt
         click.echo(json.dumps({"synthetic": synthetic, "real": real, "judge": judge, "out": out, "format": fmt,
                                "config": asdict(config)}, indent=2))
         return
-    from f2m_ray.train.driver import quiet_console  # noqa: WPS433 (imports Ray: only when running)
+    from f2m_ray.runtime.console import quiet_ray_data
     from f2m_ray.runtime.cluster import ensure_ray
 
     ensure_ray()
-    quiet_console()
+    quiet_ray_data()
     report = evaluate(synthetic, real, out, judge, config, fmt, overwrite, ProgressPrinter(),
                       echo=lambda line: click.echo(line, err=True))
     click.echo(_summary(report))

@@ -28,7 +28,7 @@ def inspect(path, sheet, per_category) -> None:
     for note in info["notes"]:
         click.echo(f"note: {note}")
     if sheet:
-        from f2m_ray.data.phantom import contact_sheet
+        from f2m_ray.data.phantom_files import contact_sheet
 
         contact_sheet(sample_images(path, per_category), sheet)
         click.echo(f"sheet: {sheet}")

@@ -49,13 +49,15 @@ def judge_train(data: str, fmt: str, out: str, epochs: int | None, batch_size: i
 
     import ray
 
-    from f2m_ray.evaluation.judge import collect_labeled, train_judge_on_ray
+    from f2m_ray.evaluation.judge import collect_labeled
+
+    from f2m_ray.evaluation.judge_ray import train_judge_on_ray
     from f2m_ray.data.readers import read_labeled
     from f2m_ray.runtime.cluster import ensure_ray
-    from f2m_ray.train.driver import quiet_console
+    from f2m_ray.runtime.console import quiet_ray_data
 
     ensure_ray(log_to_driver=False)  # epoch lines come through train_judge_on_ray's progress
-    quiet_console()
+    quiet_ray_data()
     source = read_labeled(data, fmt, train_config.val_fraction, train_config.seed)
     arrays = collect_labeled(source.dataset)
     train_rows = int((arrays.split == "train").sum())

@@ -43,7 +43,7 @@ def _categories(names: tuple[str, ...]):
 def phantoms(n: int, out: str, seed: int, category_names: tuple[str, ...],
              preview: str | None, overwrite: bool) -> None:
     """Write N procedural phantom ROIs as OUT/images/*.png plus OUT/manifest.csv."""
-    from f2m_ray.data import phantom
+    from f2m_ray.data import phantom, phantom_files
 
     if n <= 0:
         raise F2MError(f"--n must be a positive integer, got {n}")
@@ -55,7 +55,7 @@ def phantoms(n: int, out: str, seed: int, category_names: tuple[str, ...],
     else:
         described = f"{len(categories)} categories ({', '.join(c.name for c in categories)})"
     start = time.perf_counter()
-    manifest = phantom.write_phantoms(
+    manifest = phantom_files.write_phantoms(
         out, n, seed=seed, categories=categories, preview=preview, overwrite=overwrite
     )
     seconds = time.perf_counter() - start

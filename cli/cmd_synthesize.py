@@ -56,16 +56,16 @@ def synthesize(categories, n, out, model, bank, storage, mixing, k, step, alpha,
                workers, judge, min_label_confidence, min_seed_distance, max_attempts, resume, overwrite,
                dry_run) -> None:
     """Mix K same-category bank features per mass, decode, and write N masses per category."""
-    from f2m_ray.synth import driver as synthesis
+    from f2m_ray.synth import driver as synthesis, plan
 
-    config = synthesis.SynthesisConfig(
+    config = plan.SynthesisConfig(
         categories=tuple(categories), n=n, out=out, model=model, bank=bank, storage=storage, mixing=mixing, k=k, step=step, alpha=alpha,
         seed=seed, rows_per_file=rows_per_file, batch_size=batch_size, seed_split=seed_split,
         workers=workers, resume=resume, overwrite=overwrite, judge=judge,
         min_label_confidence=min_label_confidence, min_seed_distance=min_seed_distance, max_attempts=max_attempts,
     )
     if dry_run:
-        for line in synthesis.resolve(config).describe():
+        for line in plan.resolve(config).describe():
             click.echo(line)
         return
     summary = synthesis.synthesize(config, report=lambda line: click.echo(line, err=True))

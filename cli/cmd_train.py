@@ -38,7 +38,7 @@ from f2m_ray_cli.main import cli
 def train(data, data_format, preset, workers, use_gpu, epochs, batch_size, seed, storage, name,
           checkpoint_every, keep_checkpoints, sample_every, max_failures, feature_bank, mix_weight, config_file, dry_run) -> None:
     """Train Feature2Mass on Ray Train: DDP workers, checkpoints into --storage, resumable by --name."""
-    from f2m_ray.train.driver import describe_run, resolve_run
+    from f2m_ray.train.options import describe_run, resolve_run
 
     train_overrides = {
         "epochs": epochs, "batch_size": batch_size, "seed": seed, "checkpoint_every": checkpoint_every,
@@ -55,13 +55,14 @@ def train(data, data_format, preset, workers, use_gpu, epochs, batch_size, seed,
         return
 
     from f2m_ray.runtime.cluster import ensure_ray
-    from f2m_ray.train.driver import quiet_console, train as run_training
+    from f2m_ray.runtime.console import quiet_ray_data
+    from f2m_ray.train.driver import train as run_training
 
     # train() checks storage and a resumed run's preset first, then starts Ray through this
     # callback: actors' logs stay off the console, since the command prints its own epoch lines.
     summary = run_training(
         resolved_preset, options, echo=click.echo,
-        start_ray=lambda: (ensure_ray(log_to_driver=False), quiet_console()),
+        start_ray=lambda: (ensure_ray(log_to_driver=False), quiet_ray_data()),
     )
     if summary.metrics:
         click.echo(f"done: epoch {summary.end_epoch}, run folder {summary.run_dir}")

@@ -46,7 +46,7 @@ def _register() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from f2m_ray.runtime.cluster import own_console
+    from f2m_ray.runtime.console import own_console
 
     own_console()
     _register()

@@ -17,8 +17,6 @@ writes one Parquet file with its metadata (f2m_ray.schema). Never pickle.
 from __future__ import annotations
 
 import hashlib
-import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,115 +25,14 @@ import numpy as np
 from f2m_ray import __version__
 from f2m_ray.errors import F2MError, first_line
 from f2m_ray.labels import MARGINS, SHAPES, Category, check_vocabulary, vocabulary
-from f2m_ray.schema import (
-    BANK_FORMAT,
-    BANK_METADATA_KEY,
-    BANK_SCHEMA_VERSION,
-    bank_schema,
-    image_column,
-    png_bytes,
-    read_json_metadata,
-    to_uint8,
-    write_table,
-)
+from f2m_ray.schema import BANK_FORMAT, BANK_METADATA_KEY, BANK_SCHEMA_VERSION, bank_schema, image_column, read_json_metadata, write_table
 from f2m_ray.storage import arrow_filesystem, join
 
 BANK_FILE = "feature_bank.parquet"
-ENCODE_BATCH = 128  # rows per encoder call
 SEED_SPLITS = ("all", "train")
 
 
 # ---------------------------------------------------------------- resources
-
-
-@dataclass(frozen=True)
-class ActorPlan:
-    """How many model actors, and what each one asks Ray for."""
-
-    actors: int  # actor pool size
-    torch_threads: int  # intra-op threads per actor (actors x threads = cores)
-    num_cpus: float  # Ray CPU request per actor
-    num_gpus: float  # Ray GPU request per actor: a share of a GPU when the cluster has GPUs
-
-    @property
-    def device(self) -> str:
-        return "cuda" if self.num_gpus else "cpu"
-
-
-def local_cores() -> int:
-    """Cores this process may run on (affinity-aware)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
-def plan_actors(work_units: int, workers: int | None = None) -> ActorPlan:
-    """Actor pool for `work_units` independent units: one per GPU, else cores split evenly.
-
-    Locally Ray's logical CPUs are oversubscribed (f2m_ray.runtime.cluster), so real cores come
-    from the OS; on a cluster they come from Ray. Fewer units than cores: fewer actors
-    with more threads each, so that no core idles.
-    """
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cores = int(resources.get("CPU", 1)) if os.environ.get("RAY_ADDRESS") else local_cores()
-    if gpus:
-        # A GPU decodes ~50x faster than one core plans and PNG-encodes (measured on an H100:
-        # 130k masses/s decode, 1.7k/s per process end to end), so each GPU is shared by
-        # single-core actors (fractional num_gpus) that run the CPU stages side by side.
-        actors = workers or max(1, min(work_units, max(gpus, cores)))
-        share = min(1.0, math.floor(gpus / actors * 10_000) / 10_000)  # Ray counts GPU fractions in 1e-4 units
-        return ActorPlan(actors, torch_threads=1, num_cpus=1, num_gpus=share)
-    actors = workers or max(1, min(cores, work_units))
-    threads = max(1, cores // actors)
-    return ActorPlan(actors, torch_threads=threads, num_cpus=float(threads), num_gpus=0)
-
-
-# The driver's storage settings, handed to Ray workers: workers started before these were
-# set (or on other nodes) would otherwise talk to another endpoint or have no credentials.
-STORAGE_ENV = (
-    "AWS_ENDPOINT_URL",
-    "F2M_S3_ENDPOINT_URL",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-)
-
-
-def worker_runtime_env() -> dict[str, Any] | None:
-    """A Ray runtime_env carrying the driver's storage variables (None when none are set)."""
-    env_vars = {name: os.environ[name] for name in STORAGE_ENV if os.environ.get(name)}
-    return {"env_vars": env_vars} if env_vars else None
-
-
-def worker_error(err: BaseException) -> str:
-    """The innermost cause of a failure raised inside a Ray worker, in one line."""
-    cause, seen = err, set()
-    while id(cause) not in seen:
-        seen.add(id(cause))
-        inner = getattr(cause, "cause", None) or cause.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        cause = inner
-    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-    text = lines[-1] if isinstance(cause, F2MError) and lines else (lines[0] if lines else "")
-    return text if isinstance(cause, F2MError) else f"{type(cause).__name__}: {text}"
-
-
-def prepare_torch(threads: int, device: str) -> None:
-    """Per-actor torch settings: thread count and deterministic kernels."""
-    import torch
-
-    torch.set_num_threads(threads)
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = False  # autotuning may pick other kernels per run
-        torch.backends.cudnn.deterministic = True
 
 
 # ---------------------------------------------------------------- the bank
@@ -209,118 +106,6 @@ def bank_hash(roi_id: np.ndarray, margin: np.ndarray, shape: np.ndarray, feature
 def default_bank_path(checkpoint_path: str) -> str:
     """Where `f2m-ray train` and `f2m-ray encode` put the bank: beside the checkpoint."""
     return join(checkpoint_path, BANK_FILE)
-
-
-class _Encoder:
-    """Ray Data actor: loads the generator once, encodes batches of labeled rows."""
-
-    def __init__(self, checkpoint: str, torch_threads: int, device: str):
-        from f2m_ray.checkpoint import load_generator
-
-        prepare_torch(torch_threads, device)
-        self.device = device
-        self.generator, _ = load_generator(checkpoint, device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        images = np.array(batch["image"], dtype=np.float32)  # (B, 64, 64) in [-1, 1]; a writable copy for torch
-        with torch.inference_mode():
-            features = self.generator.encode(
-                torch.from_numpy(images[:, None]).to(self.device),  # (B, 1, 64, 64)
-                torch.from_numpy(np.array(batch["margin"], dtype=np.int64)).to(self.device),  # writable copies
-                torch.from_numpy(np.array(batch["shape"], dtype=np.int64)).to(self.device),
-            )  # (B, D)
-        pixels = to_uint8(images)
-        return {
-            "roi_id": batch["roi_id"],
-            "margin": batch["margin"],
-            "shape": batch["shape"],
-            "split": batch["split"],
-            "patient_id": batch["patient_id"],
-            "source": batch["source"],
-            "png": np.array([png_bytes(p) for p in pixels], dtype=object),
-            "feature": features.float().cpu().numpy(),
-        }
-
-
-def build_feature_bank(
-    checkpoint: str,
-    data: str = "phantom",
-    out: str | None = None,
-    fmt: str = "auto",
-    seed: int = 0,
-    val_fraction: float | None = None,
-    workers: int | None = None,
-    stored_checkpoint: str | None = None,
-) -> str:
-    """Encode every labeled ROI of `data` with the checkpoint's generator; write the bank.
-
-    `seed` and `val_fraction` (default: the checkpoint's) must be those of training so
-    that the stored split matches. Returns the bank's path (default: beside the checkpoint).
-    The bank names its checkpoint (`synthesize --bank` alone finds the model through it):
-    its path, or `stored_checkpoint` (``pretrained:NAME`` for a shipped model).
-    """
-    import ray
-
-    from f2m_ray.checkpoint import find_checkpoint, read_metadata
-    from f2m_ray.data.readers import read_labeled
-    from f2m_ray.runtime.cluster import ensure_ray
-
-    from f2m_ray.storage import is_remote
-
-    path = find_checkpoint(checkpoint)
-    if not is_remote(path):
-        path = os.path.abspath(path)  # the encoder actors may run in another working directory
-    meta = read_metadata(path)
-    if val_fraction is None:
-        val_fraction = float(meta["preset"].get("train", {}).get("val_fraction", 0.1))
-    out = out or default_bank_path(path)
-    ensure_ray()
-    source = read_labeled(data, fmt, val_fraction, seed)
-    actors = plan_actors(work_units=max(1, source.rows // ENCODE_BATCH), workers=workers or 1)
-    encoded = source.dataset.map_batches(
-        _Encoder,
-        fn_constructor_kwargs={"checkpoint": path, "torch_threads": actors.torch_threads, "device": actors.device},
-        batch_size=ENCODE_BATCH,
-        compute=ray.data.ActorPoolStrategy(size=actors.actors),
-        num_cpus=actors.num_cpus,
-        num_gpus=actors.num_gpus,
-        runtime_env=worker_runtime_env(),
-    )
-    parts: dict[str, list] = {k: [] for k in ("roi_id", "margin", "shape", "split", "patient_id", "source", "png", "feature")}
-    try:
-        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
-            for key in parts:
-                parts[key].append(batch[key])
-    except (F2MError, KeyboardInterrupt):
-        raise
-    except Exception as err:  # Ray wraps what failed in a worker
-        raise F2MError(f"encoding failed: {worker_error(err)}") from None
-    if not parts["roi_id"]:
-        raise F2MError(f"no labeled ROIs in {data}: the feature bank would be empty")
-    columns = {k: np.concatenate(v) for k, v in parts.items()}
-    return write_feature_bank(
-        out,
-        roi_id=columns["roi_id"].astype(str),
-        margin=columns["margin"].astype(np.int64),
-        shape=columns["shape"].astype(np.int64),
-        split=columns["split"].astype(str),
-        patient_id=columns["patient_id"].astype(str),
-        source=columns["source"].astype(str),
-        png=list(columns["png"]),
-        features=np.asarray(columns["feature"], dtype=np.float32),
-        model_id=str(meta["model_id"]),
-        info={
-            "checkpoint": stored_checkpoint or path,
-            "preset": meta["preset"]["name"],
-            "data": data,
-            "data_description": source.description,
-            "dropped": source.dropped,
-            "seed": seed,
-            "val_fraction": val_fraction,
-        },
-    )
 
 
 def write_feature_bank(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from f2m_ray.config import Preset
 from f2m_ray.errors import F2MError
 from f2m_ray.labels import check_vocabulary, vocabulary
 from f2m_ray.core.networks import Discriminator, Generator, build_networks
-from f2m_ray.pretrained import named_model
+from f2m_ray.pretrained import BANK_FILE, MODEL_CARD, SHIPPED_MODEL, default_storage, named_model, shipped_model
 from f2m_ray.storage import filesystem, is_remote, join
 
 FORMAT = "f2m-ray-checkpoint"
@@ -207,13 +208,18 @@ def _read_meta(fs, root: str) -> dict[str, Any]:
     return read_format_metadata(fs, root, META_FILE, FORMAT, FORMAT_VERSION, "checkpoint")
 
 
-def read_metadata(path: str) -> dict[str, Any]:
-    """The checkpoint's JSON metadata (validated), without loading weights."""
+def _resolve(path: str) -> tuple[str, Any, str, dict[str, Any]]:
+    """(checkpoint path, filesystem, path within it, validated metadata): one resolution per load."""
     path = find_checkpoint(path)
     fs, root = filesystem(path)
     meta = _read_meta(fs, root)
     check_vocabulary(meta.get("vocabulary", {}), f"checkpoint {path}")
-    return meta
+    return path, fs, root, meta
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    """The checkpoint's JSON metadata (validated), without loading weights."""
+    return _resolve(path)[3]
 
 
 def _preset(meta: dict[str, Any], path: str) -> Preset:
@@ -232,9 +238,7 @@ def load_generator(path: str, device: str | torch.device = "cpu") -> tuple[Gener
     (0.05 s instead of 0.55 s for the paper preset). The weights are the same as
     ``load_checkpoint(path).generator()``.
     """
-    path = find_checkpoint(path)
-    fs, root = filesystem(path)
-    meta = read_metadata(path)
+    path, fs, root, meta = _resolve(path)
     preset = _preset(meta, path)
     state = read_torch(fs, join(root, MODEL_FILE), "model weights", mmap=True)
     if not isinstance(state, dict) or not isinstance(state.get("generator"), dict):
@@ -247,9 +251,7 @@ def load_generator(path: str, device: str | torch.device = "cpu") -> tuple[Gener
 
 def load_checkpoint(path: str, with_optimizer: bool = False) -> Checkpoint:
     """Load a checkpoint (local or s3://); refuses foreign or corrupt ones with a clear message."""
-    path = find_checkpoint(path)
-    fs, root = filesystem(path)
-    meta = read_metadata(path)
+    path, fs, root, meta = _resolve(path)
     preset = _preset(meta, path)
     model_state = read_torch(fs, join(root, MODEL_FILE), "model weights")
     if isinstance(model_state, dict) and set(model_state) == {"generator"} and meta.get("export"):
@@ -304,3 +306,75 @@ def export_generator(path: str, out: str, dtype: str = "float16", note: dict[str
     except OSError as err:
         raise F2MError(f"cannot write the export to {out}: {err.strerror or err}") from None
     return out
+
+
+# ---------------------------------------------------------------- which model, when none is named
+# A finished run is a run folder under the storage (--storage, $F2M_STORAGE, or ./f2m-runs, as for
+# `f2m-ray train`) whose latest checkpoint has its feature bank beside it, which `train` writes
+# last. The newest is the one whose bank was written last. Without one: the shipped model.
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    checkpoint: str  # a checkpoint directory (or a run folder: its latest checkpoint)
+    why: str  # how it was chosen, for the line that names it
+
+
+def _modified(fs, path: str) -> float:
+    try:
+        return fs.modified(path).timestamp()
+    except (NotImplementedError, OSError, AttributeError):
+        return 0.0
+
+
+def newest_run(storage: str) -> str | None:
+    """The latest checkpoint of the newest finished run under `storage`, or None."""
+    fs, root = filesystem(storage)
+    try:
+        if not fs.isdir(root):
+            return None
+        entries = fs.ls(root, detail=False)
+    except (OSError, PermissionError):
+        return None
+    found: list[tuple[float, str]] = []
+    for entry in entries:
+        run = join(storage, entry.rstrip("/").rsplit("/", 1)[-1])
+        try:
+            checkpoint = find_checkpoint(run)
+        except F2MError:
+            continue  # not a run folder, or a run with no checkpoint yet
+        bank = join(checkpoint, BANK_FILE)
+        bank_inner = filesystem(bank)[1]
+        if fs.exists(bank_inner):
+            found.append((_modified(fs, bank_inner), checkpoint))
+    return max(found)[1] if found else None
+
+
+def default_model(storage: str | None = None) -> ModelChoice:
+    """The model a command uses when none is named (see the module docstring)."""
+    where = default_storage(storage)
+    run = newest_run(where)
+    if run is not None:
+        return ModelChoice(run, f"the newest finished run under {where}")
+    try:
+        return ModelChoice(shipped_model(), f"the shipped model {SHIPPED_MODEL}: no finished run under {where}")
+    except F2MError:
+        raise F2MError(f"no finished run under {where} and no shipped model: name one with --model CKPT, "
+                       f"or train one with `f2m-ray train --storage {where}`") from None
+
+
+def model_card(checkpoint: str) -> str | None:
+    """The MODEL_CARD.md in a checkpoint directory or its run folder, if there is one."""
+    from f2m_ray.storage import filesystem, is_remote, join
+    if is_remote(checkpoint):
+        candidates = [join(checkpoint, MODEL_CARD)]
+    else:
+        candidates = [os.path.join(checkpoint, MODEL_CARD), os.path.join(os.path.dirname(checkpoint.rstrip("/")), MODEL_CARD)]
+    for path in candidates:
+        fs, inner = filesystem(path)
+        try:
+            with fs.open(inner, "r", encoding="utf-8") as f:
+                return f.read()
+        except (FileNotFoundError, IsADirectoryError, OSError):
+            continue
+    return None

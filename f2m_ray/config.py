@@ -114,21 +114,21 @@ class Preset:
     def from_dict(cls, data: dict[str, Any]) -> "Preset":
         return cls(
             name=data["name"],
-            model=_build(ModelConfig, data["model"]),
-            loss=_build(LossConfig, data.get("loss", {})),
-            train=_build(TrainConfig, data.get("train", {})),
+            model=build_dataclass(ModelConfig, data["model"]),
+            loss=build_dataclass(LossConfig, data.get("loss", {})),
+            train=build_dataclass(TrainConfig, data.get("train", {})),
         )
 
     def with_train(self, **changes: Any) -> "Preset":
         """A copy with some TrainConfig fields replaced (unknown names are refused)."""
-        return replace(self, train=_build(TrainConfig, {**asdict(self.train), **changes}))
+        return replace(self, train=build_dataclass(TrainConfig, {**asdict(self.train), **changes}))
 
     def with_loss(self, **changes: Any) -> "Preset":
         """A copy with some LossConfig fields replaced (unknown names are refused)."""
-        return replace(self, loss=_build(LossConfig, {**asdict(self.loss), **changes}))
+        return replace(self, loss=build_dataclass(LossConfig, {**asdict(self.loss), **changes}))
 
 
-def _build(cls, data: dict[str, Any]):
+def build_dataclass(cls, data: dict[str, Any]):
     """Rebuild a dataclass from a dict (lists back to tuples); refuse unknown keys."""
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))

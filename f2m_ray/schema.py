@@ -149,11 +149,6 @@ def read_json_metadata(schema: pa.Schema, key: bytes, what: str) -> dict[str, An
         raise F2MError(f"{what} has corrupt {key.decode()} metadata") from None
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Model range [-1, 1] -> uint8 [0, 255] (inverse of readers.to_model_range)."""
-    return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-
-
 def png_bytes(image: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """One (H, W) uint8 image -> 8-bit grayscale PNG bytes."""
     from PIL import Image

@@ -52,20 +52,9 @@ def synthetic_files(path: str) -> list[str]:
 
 def open_synthetic(path: str, columns: list[str] | None = None):
     """A finished synthetic dataset as a ``ray.data.Dataset`` (one row per mass)."""
-    import ray
+    from f2m_ray.runtime.datasets import read_parquet  # starts or joins Ray: only when asked
 
-    from f2m_ray.bank import worker_runtime_env
-    from f2m_ray.runtime.cluster import ensure_ray
-
-    files = synthetic_files(path)
-    fs, _ = arrow_filesystem(path)
-    ensure_ray()
-    return ray.data.read_parquet(
-        [arrow_filesystem(f)[1] for f in files],
-        filesystem=fs,
-        columns=columns,
-        runtime_env=worker_runtime_env(),
-    )
+    return read_parquet(synthetic_files(path), columns)
 
 
 def read_table(path: str, columns: list[str] | None = None):
@@ -122,7 +111,7 @@ class SyntheticTorchDataset(_TorchDataset):
     def __getitem__(self, index: int):
         import torch
 
-        from f2m_ray.data.readers import to_model_range
+        from f2m_ray.core.images import to_model_range
 
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} masses")

@@ -25,14 +25,16 @@ RECIPE = {"preset": "small", "data": "phantom:2000", "epochs": 40, "seed": 0, "w
 
 def train_run(storage: str) -> str:
     from f2m_ray.runtime.cluster import ensure_ray
-    from f2m_ray.train.driver import quiet_console, resolve_run, train
+    from f2m_ray.runtime.console import quiet_ray_data
+    from f2m_ray.train.driver import train
+    from f2m_ray.train.options import resolve_run
 
     preset, options = resolve_run(
         None, RECIPE["preset"], train_overrides={"epochs": RECIPE["epochs"], "seed": RECIPE["seed"]},
         run_overrides={"data": RECIPE["data"], "storage": storage, "name": "small-phantom",
                        "workers": RECIPE["workers"], "feature_bank": False},
     )
-    summary = train(preset, options, echo=print, start_ray=lambda: (ensure_ray(log_to_driver=False), quiet_console()))
+    summary = train(preset, options, echo=print, start_ray=lambda: (ensure_ray(log_to_driver=False), quiet_ray_data()))
     return summary.run_dir
 
 
@@ -43,7 +45,7 @@ def export_error(source: str, export: str, n: int = 512) -> dict[str, float]:
 
     from f2m_ray.checkpoint import load_generator
     from f2m_ray.bank import load_feature_bank
-    from f2m_ray.schema import to_uint8
+    from f2m_ray.core.images import to_uint8
 
     g32, _ = load_generator(source)
     g16, _ = load_generator(export)
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from f2m_ray.checkpoint import export_generator, find_checkpoint, read_metadata
-    from f2m_ray.bank import build_feature_bank, load_feature_bank
+    from f2m_ray.bank import load_feature_bank
+    from f2m_ray.synth.encode import build_feature_bank
     from f2m_ray.pretrained import MODEL_CARD, PRETRAINED_ROOT, SHIPPED_MODEL
 
     out = args.out or os.path.join(PRETRAINED_ROOT, SHIPPED_MODEL)

@@ -1,4 +1,4 @@
-"""The layering the code relies on: the pure modules (math on numpy/torch) load no Ray and no I/O stack."""
+"""The package's layering: what each folder may import, no circles, and Ray only where it belongs."""
 
 from __future__ import annotations
 
@@ -8,24 +8,101 @@ import pathlib
 import subprocess
 import sys
 
-PURE = ("f2m_ray.core.networks", "f2m_ray.core.losses", "f2m_ray.core.augment", "f2m_ray.core.step", "f2m_ray.core.mixing",
-        "f2m_ray.core.metrics", "f2m_ray.labels", "f2m_ray.config")
-HEAVY = ("ray", "fsspec", "s3fs", "pyarrow")
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "f2m_ray"
+HEAVY = ("ray", "fsspec", "s3fs", "pyarrow")
+RAY_ALLOWED = ("runtime", "data", "train", "synth", "evaluation")
+# Rank of each room: a module imports only modules of its own rank or below (README "The package").
+RANK = {
+    "errors": 0, "labels": 1, "config": 2, "core": 3,
+    "storage": 4, "schema": 5, "dataset_card": 5, "pretrained": 5, "checkpoint": 6, "bank": 6,
+    "runtime": 7, "data": 8, "synthetic": 9, "evaluation": 10, "synth": 11, "train": 12,
+}
 
 
-def test_pure_modules_import_no_ray_and_no_io_stack():
-    code = (f"import sys, json; import {', '.join(PURE)}; "
+def modules() -> dict[str, pathlib.Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        name = ".".join(("f2m_ray", *parts)).removesuffix(".__init__")
+        found[name] = path
+    return found
+
+
+def room(module: str) -> str:
+    return module.split(".")[1] if module != "f2m_ray" else "f2m_ray"
+
+
+def imports(path: pathlib.Path) -> tuple[set[str], set[str]]:
+    """(package modules it imports, top-level third-party names), module level and inside functions."""
+    ours, others = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "f2m_ray":
+                ours |= {f"f2m_ray.{a.name}" for a in node.names if a.name != "__version__"}
+            elif node.module.startswith("f2m_ray."):
+                ours.add(node.module)
+                ours |= {f"{node.module}.{a.name}" for a in node.names}  # `from f2m_ray.core import images`
+            else:
+                others.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                (ours if alias.name.startswith("f2m_ray.") else others).add(
+                    alias.name if alias.name.startswith("f2m_ray.") else alias.name.split(".")[0])
+    return ours, others
+
+
+def test_core_imports_no_ray_and_no_io_stack():
+    core = [m for m in modules() if m.startswith("f2m_ray.core.")]
+    assert len(core) == 7, core
+    code = (f"import sys, json; import {', '.join(core)}; "
             f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({list(HEAVY)!r}))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
 
 
-def test_pure_modules_do_not_import_the_rest_of_the_package():
-    """Arrows point down: a pure module imports only other pure modules (and errors) of the package."""
-    allowed = {m.rsplit(".", 1)[1] for m in PURE} | {"errors"}
-    for name in PURE:
-        tree = ast.parse((PACKAGE / f"{name.rsplit('.', 1)[1]}.py").read_text())
-        used = {n.module.split(".")[1] for n in ast.walk(tree)
-                if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("f2m_ray.")}
-        assert used <= allowed, (name, used - allowed)
+def test_only_the_ray_rooms_import_ray():
+    offenders = sorted(m for m, p in modules().items() if "ray" in imports(p)[1] and room(m) not in RAY_ALLOWED)
+    assert offenders == []
+
+
+def test_every_import_points_down_or_sideways():
+    known = modules()
+    upward = []
+    for module, path in known.items():
+        if module == "f2m_ray":
+            continue
+        for target in imports(path)[0]:
+            if target in known and target != "f2m_ray" and RANK[room(target)] > RANK[room(module)]:
+                upward.append(f"{module} -> {target}")
+    assert upward == []
+
+
+def test_the_import_graph_has_no_circle():
+    known = modules()
+    graph = {m: sorted(t for t in imports(p)[0] if t in known and t != "f2m_ray" and t != m)
+             for m, p in known.items()}
+    state: dict[str, int] = {}
+    circles: list[list[str]] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                circles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+    assert circles == []
+
+
+def test_every_room_is_ranked_and_documented():
+    rooms = {room(m) for m in modules() if m != "f2m_ray"}
+    assert rooms == set(RANK)
+    readme = (PACKAGE.parent / "README.md").read_text()
+    package_map = readme.split("## The package", 1)[1].split("\n## ", 1)[0]
+    for name in ("core/", "data/", "runtime/", "train/", "synth/", "evaluation/"):
+        assert f"`{name}`" in package_map, name

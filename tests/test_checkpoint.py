@@ -124,7 +124,7 @@ def test_pickled_object_is_not_executed(saved, tmp_path):
 def test_a_float16_export_decodes_within_a_grey_level_and_names_itself(saved, tmp_path):
     import numpy as np
 
-    from f2m_ray.schema import to_uint8
+    from f2m_ray.core.images import to_uint8
 
     run, _ = saved
     source = str(run / "checkpoint_000003")

@@ -17,7 +17,8 @@ from f2m_ray.errors import F2MError
 from f2m_ray.bank import write_feature_bank
 from f2m_ray.labels import parse_category
 from f2m_ray.data.phantom import generate_phantoms
-from f2m_ray.data.readers import assign_split, to_model_range
+from f2m_ray.core.images import to_model_range
+from f2m_ray.data.rows import assign_split
 from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, SYNTHETIC_SCHEMA, image_column, png_bytes, write_table
 from f2m_ray_cli.main import _register, cli
 

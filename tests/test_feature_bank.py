@@ -14,7 +14,8 @@ from f2m_ray.errors import F2MError
 from f2m_ray.bank import BANK_FILE, load_feature_bank, write_feature_bank
 from f2m_ray.labels import parse_category
 from f2m_ray.data.phantom import generate_phantoms
-from f2m_ray.data.readers import assign_split, to_model_range
+from f2m_ray.core.images import to_model_range
+from f2m_ray.data.rows import assign_split
 from f2m_ray.schema import BANK_METADATA_KEY
 from f2m_ray_cli.main import _register, cli
 from test_synthesize import make_checkpoint
@@ -121,21 +122,3 @@ def test_s3_round_trip(bank, s3_bucket):
     remote = load_feature_bank(remote_path)
     np.testing.assert_array_equal(remote.features, local.features)
     assert remote.bank_id == local.bank_id
-
-
-def test_actor_plans(monkeypatch):
-    import ray
-
-    from f2m_ray import bank as feature_bank
-
-    monkeypatch.setattr(feature_bank, "local_cores", lambda: 2)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})  # embedded Ray: oversubscribed slots
-    assert feature_bank.plan_actors(10) == feature_bank.ActorPlan(2, torch_threads=1, num_cpus=1.0, num_gpus=0)
-    assert feature_bank.plan_actors(1) == feature_bank.ActorPlan(1, torch_threads=2, num_cpus=2.0, num_gpus=0)
-    monkeypatch.setenv("RAY_ADDRESS", "auto")
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
-    # A GPU is shared by single-core actors: 7 of them get 0.1428 of it each (7 x 0.1428 <= 1).
-    plan = feature_bank.plan_actors(7)
-    assert (plan.actors, plan.num_gpus, plan.num_cpus, plan.device) == (7, 0.1428, 1, "cuda")
-    assert feature_bank.plan_actors(100).actors == 16 and feature_bank.plan_actors(1, workers=1).num_gpus == 1.0

@@ -13,9 +13,10 @@ from f2m_ray.errors import F2MError
 from f2m_ray.bank import default_bank_path, load_feature_bank
 from f2m_ray.labels import parse_category
 from f2m_ray.core.mixing import plan_sample
-from f2m_ray.data.readers import to_model_range
+from f2m_ray.core.images import to_model_range
 from f2m_ray.schema import MANIFEST_NAME, decode_png
-from f2m_ray.synth.driver import resolve, synthesize
+from f2m_ray.synth.driver import synthesize
+from f2m_ray.synth.plan import resolve
 from f2m_ray.synthetic import read_table
 from f2m_ray_cli.main import _register, cli
 from test_judge import TINY

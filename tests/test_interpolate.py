@@ -9,7 +9,8 @@ from f2m_ray.checkpoint import load_checkpoint
 from f2m_ray.errors import F2MError
 from f2m_ray.bank import default_bank_path, load_feature_bank
 from f2m_ray.synth.interpolate import GAP, SEPARATION, TILE, interpolate, write_interpolation
-from f2m_ray.schema import decode_png, to_uint8
+from f2m_ray.core.images import to_uint8
+from f2m_ray.schema import decode_png
 from test_synthesize import make_bank, make_checkpoint
 
 A, B, C = "roi-0000", "roi-0001", "roi-0002"

@@ -16,13 +16,12 @@ from f2m_ray.labels import MARGINS, SHAPES, Category, all_categories
 from f2m_ray.data.phantom import (
     DEFAULT_CATEGORIES,
     _render,
-    contact_sheet,
     generate_phantoms,
     phantom_category,
     phantom_rng,
     render_phantom,
-    write_phantoms,
 )
+from f2m_ray.data.phantom_files import contact_sheet, write_phantoms
 
 N_STATS = 30  # phantoms per category in the label-effect measurements
 

@@ -15,7 +15,8 @@ import torch
 from f2m_ray.checkpoint import load_generator
 from f2m_ray.errors import F2MError
 from f2m_ray.bank import load_feature_bank
-from f2m_ray.pretrained import MODEL_CARD, SHIPPED_MODEL, model_card, named_model, shipped_model
+from f2m_ray.checkpoint import model_card
+from f2m_ray.pretrained import MODEL_CARD, SHIPPED_MODEL, named_model, shipped_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_FILES = ["MODEL_CARD.md", "f2m_checkpoint.json", "feature_bank.parquet", "model.pt"]

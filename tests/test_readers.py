@@ -19,7 +19,8 @@ from PIL import Image
 from f2m_ray.core import images
 from f2m_ray.errors import F2MError
 from f2m_ray.labels import MARGINS, SHAPES
-from f2m_ray.data.readers import ROW_COLUMNS, read_labeled, split_by_patient
+from f2m_ray.data.readers import read_labeled
+from f2m_ray.data.rows import ROW_COLUMNS, split_by_patient
 from test_cbis_ddsm import (
     CROP_MARGIN, EXPECTED_CATEGORIES, EXPECTED_DROPS, EXPECTED_MAPPED, MASS_RADIUS, write_cbis_fixture, write_dicom,
 )
@@ -201,7 +202,7 @@ def test_cbis_ddsm_download_on_s3(ray_local, s3_bucket, cbis_csv):
 
 
 def test_phantoms_manifest_round_trips_exactly(ray_local, tmp_path):
-    from f2m_ray.data.phantom import write_phantoms
+    from f2m_ray.data.phantom_files import write_phantoms
 
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq

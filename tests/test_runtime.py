@@ -54,3 +54,21 @@ def test_embedded_ray_starts_whatever_a_dead_ray_start_cluster_left_behind():
         result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.split()[-1]) >= 4  # our own embedded Ray, with its oversubscribed CPU slots
+
+
+def test_actor_plans(monkeypatch):
+    import ray
+
+    from f2m_ray.runtime import actors
+
+    monkeypatch.setattr(actors, "local_cores", lambda: 2)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})  # embedded Ray: oversubscribed slots
+    assert actors.plan_actors(10) == actors.ActorPlan(2, torch_threads=1, num_cpus=1.0, num_gpus=0)
+    assert actors.plan_actors(1) == actors.ActorPlan(1, torch_threads=2, num_cpus=2.0, num_gpus=0)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
+    # A GPU is shared by single-core actors: 7 of them get 0.1428 of it each (7 x 0.1428 <= 1).
+    plan = actors.plan_actors(7)
+    assert (plan.actors, plan.num_gpus, plan.num_cpus, plan.device) == (7, 0.1428, 1, "cuda")
+    assert actors.plan_actors(100).actors == 16 and actors.plan_actors(1, workers=1).num_gpus == 1.0

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from f2m_ray import schema
-from f2m_ray.data.readers import to_model_range
+from f2m_ray.core.images import to_model_range
 
 
 def test_synthetic_columns_and_types():

@@ -23,9 +23,12 @@ from f2m_ray.bank import default_bank_path, load_feature_bank, write_feature_ban
 from f2m_ray.labels import parse_category
 from f2m_ray.core.networks import build_networks
 from f2m_ray.data.phantom import generate_phantoms
-from f2m_ray.data.readers import assign_split, to_model_range
-from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, png_bytes, to_uint8
-from f2m_ray.synth.driver import SynthesisConfig, resolve, synthesize
+from f2m_ray.core.images import to_model_range
+from f2m_ray.data.rows import assign_split
+from f2m_ray.core.images import to_uint8
+from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, png_bytes
+from f2m_ray.synth.driver import synthesize
+from f2m_ray.synth.plan import SynthesisConfig, resolve
 from f2m_ray.synthetic import SyntheticTorchDataset, open_synthetic, read_table
 from f2m_ray_cli.main import _register, cli
 
@@ -130,8 +133,10 @@ def test_local_files_and_manifest(local_run, model):
 def test_local_reads_back_everywhere(local_run, model):
     out, _ = local_run
     check_rows(read_table(str(out)).to_pandas(), model)  # the library
-    check_rows(pd.read_parquet(out), model)  # pandas on the folder
-    check_rows(pads.dataset(str(out), format="parquet").to_table().to_pandas(), model)  # pyarrow.dataset
+    # pandas and pyarrow on the folder: past the dataset card (README.md), which they would read as Parquet
+    check_rows(pd.read_parquet(out, ignore_prefixes=[".", "_", "README"]), model)
+    check_rows(pd.read_parquet(out / CATEGORY), model)  # one category's folder
+    check_rows(pads.dataset(str(out), format="parquet", exclude_invalid_files=True).to_table().to_pandas(), model)
     counts = duckdb.sql(f"select count(*), count(distinct sample_id), min(category), max(category), "
                         f"max(abs(list_sum(weights) - 1)) from read_parquet('{out}/**/*.parquet')").fetchall()[0]
     assert counts[:4] == (1000, 1000, CATEGORY, CATEGORY) and counts[4] < 1e-9
@@ -268,18 +273,18 @@ def test_s3_through_the_command_line(model, s3_bucket, local_run, ray_local, tmp
     assert "wrote 1000 masses in 2 files" in result.stdout and "actor(s)" in result.stderr
     client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket[5:])["Contents"])
-    assert keys == ["synthetic/run1/_manifest.json", "synthetic/run1/_run.json",
+    assert keys == ["synthetic/run1/README.md", "synthetic/run1/_manifest.json", "synthetic/run1/_run.json",
                     f"synthetic/run1/{CATEGORY}/part-000000-000499.parquet",
                     f"synthetic/run1/{CATEGORY}/part-000500-000999.parquet"]  # no directory markers
     table = read_table(out)
     check_rows(table.to_pandas(), model)
     assert open_synthetic(out).count() == 1000
     options = {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
-    check_rows(pd.read_parquet(out, storage_options=options), model)
+    check_rows(pd.read_parquet(out, storage_options=options, ignore_prefixes=[".", "_", "README"]), model)
     from f2m_ray.storage import arrow_filesystem
 
     fs, inner = arrow_filesystem(out)
-    arrow = pads.dataset(inner, filesystem=fs, format="parquet").to_table()
+    arrow = pads.dataset(inner, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table()
     check_rows(arrow.to_pandas(), model)
     assert duckdb.sql("select count(distinct sample_id) from arrow").fetchall() == [(1000,)]
     # Other file layout, same samples: the bytes equal those of the local run.

@@ -8,7 +8,8 @@ import torch
 
 from f2m_ray.errors import F2MError
 from f2m_ray.schema import MANIFEST_NAME, decode_png
-from f2m_ray.synth.driver import SynthesisConfig, synthesize
+from f2m_ray.synth.driver import synthesize
+from f2m_ray.synth.plan import SynthesisConfig
 from f2m_ray.synthetic import (
     SyntheticTorchDataset,
     inspect_dataset,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +16,9 @@ from f2m_ray.config import PRESETS
 from f2m_ray.errors import F2MError
 from f2m_ray.core.networks import build_networks
 from f2m_ray.storage import filesystem, join
-from f2m_ray.train.driver import (
-    RunOptions,
-    describe_run,
-    feature_bank_available,
-    resolve_run,
-    state_checksum,
-    train,
-)
+from f2m_ray.train.driver import train
+from f2m_ray.train.options import RunOptions, describe_run, resolve_run
+from f2m_ray.train.worker import state_checksum
 from f2m_ray.train.report import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,9 +89,7 @@ def test_ranks_hold_identical_parameters(local_run):
 
 
 def test_resume_continues_the_epoch_counter(local_run):
-    options = local_run["options"]
-    if feature_bank_available():
-        options = RunOptions(**{**options.__dict__, "feature_bank": True})
+    options = RunOptions(**{**local_run["options"].__dict__, "feature_bank": True})
     lines: list[str] = []
     summary = train(TINY.with_train(epochs=3, keep_checkpoints=2), options, echo=lines.append)
     run_dir = Path(local_run["storage"]) / "local"
@@ -109,9 +101,8 @@ def test_resume_continues_the_epoch_counter(local_run):
     # keep-last-2: epoch 1 was dropped when epoch 3 arrived
     assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_000002", "checkpoint_epoch_000003"]
     assert read_metadata(str(run_dir))["step"] == 15
-    if feature_bank_available():
-        assert summary.feature_bank and Path(summary.feature_bank).parent == run_dir / "checkpoint_epoch_000003"
-        assert Path(summary.feature_bank).stat().st_size > 0
+    assert summary.feature_bank and Path(summary.feature_bank).parent == run_dir / "checkpoint_epoch_000003"
+    assert Path(summary.feature_bank).stat().st_size > 0
 
 
 def test_resuming_with_another_preset_is_refused_before_ray(local_run):
@@ -278,7 +269,7 @@ def test_epoch_line_shows_the_mix_term_only_when_trained():
 
 
 def test_mix_weight_flag_and_loss_table(tmp_path):
-    from f2m_ray.train.driver import resolve_run
+    from f2m_ray.train.options import resolve_run
 
     preset, _ = resolve_run(None, "small", loss_overrides={"lambda_mix": 0.5})
     assert preset.loss.lambda_mix == 0.5 and preset.loss.fake_label_weight == 0.1  # the rest of small stays
@@ -295,7 +286,7 @@ def test_mix_weight_flag_and_loss_table(tmp_path):
 
 
 def test_relative_paths_mean_the_folder_the_command_ran_in(tmp_path, monkeypatch):
-    from f2m_ray.train.driver import resolve_run
+    from f2m_ray.train.options import resolve_run
 
     monkeypatch.chdir(tmp_path)
     _, options = resolve_run(None, "tiny", run_overrides={"storage": "runs", "name": "demo", "data": "rois/labels.csv"})

@@ -289,3 +289,16 @@ def model_image(pixels: Pixels, rule: str = "auto", size: int = MODEL_SIZE) -> n
     if min(pixels.array.shape) < 2:
         raise ImageProblem(TOO_SMALL, "x".join(map(str, pixels.array.shape)))
     return np.clip(fit_square(window(pixels, rule), size), -1.0, 1.0)
+
+
+# ---------------------------------------------------------------- model range <-> 8-bit
+
+
+def to_model_range(image: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return image.astype(np.float32) / 127.5 - 1.0
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Model range [-1, 1] -> uint8 [0, 255], rounding half to even (inverse of to_model_range)."""
+    return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)

@@ -107,9 +107,14 @@ def _check_weights(weights: np.ndarray) -> np.ndarray:
 
 
 def mix(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Convex combination (eq. 2): (N, D) features and (N,) or (B, N) weights -> (D,) or (B, D)."""
-    weights = _check_weights(weights)
-    return (weights @ np.asarray(features, dtype=np.float64)).astype(np.float32)
+    """Convex combination (eq. 2) of one set of seeds: (N, D) features and (N,) or (B, N) weights -> (D,) or (B, D).
+
+    ``mix_rows`` with the same N seeds in every row.
+    """
+    features = np.asarray(features)
+    rows = np.atleast_2d(weights)
+    mixed = mix_rows(np.broadcast_to(features, (len(rows), *features.shape)), rows)
+    return mixed[0] if np.ndim(weights) == 1 else mixed
 
 
 def variance_preserving_scale(weights: np.ndarray, pool_size: int | None = None) -> np.ndarray:

@@ -26,16 +26,12 @@ the order or the process that renders it, so parallel and serial output match.
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
-import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from f2m_ray.errors import F2MError
 from f2m_ray.labels import MARGINS, SHAPES, Category
@@ -45,14 +41,11 @@ from f2m_ray.labels import MARGINS, SHAPES, Category
 DEFAULT_CATEGORIES: tuple[Category, ...] = tuple(
     Category(m, s) for m in MARGINS for s in SHAPES if s != "architectural-distortion"
 )
-MANIFEST_NAME = "manifest.csv"
-MANIFEST_COLUMNS = ("id", "path", "margin", "shape", "patient_id")
-IMAGES_DIR = "images"
+
 
 _SUPERSAMPLE = 2  # render geometry at 2x and average 2x2 blocks: cheap anti-aliasing
 _TABLE_SIZE = 4096  # outline lookup table: 2 pi / 4096 is < 0.05 px at the ROI's edge
 _ANGLES = np.linspace(-np.pi, np.pi, _TABLE_SIZE, endpoint=False)
-_PARALLEL_MIN = 600  # below this many phantoms a process pool costs more than it saves
 
 
 # ---------------------------------------------------------------- randomness
@@ -284,21 +277,50 @@ def _render(category: Category, rng: np.random.Generator, size: int = 64):
     # and repeated up to the supersampled grid.
     texture_small = _power_law_noise(rng, size, rng.uniform(1.8, 2.4), pad=False)
     texture = texture_small.repeat(s, 0).repeat(s, 1)
-    if margin == "ill-defined":
-        # Wide, fuzzy fading: a smooth ramp whose width wanders around the edge.
-        width = mean_radius * rng.uniform(0.3, 0.45)
-        fuzzy = depth + 0.35 * width * texture
-        body = 0.5 * (1.0 + np.tanh(fuzzy / width))
-    elif margin == "obscured":
-        body = np.clip(depth / 1.2 + 0.5, 0.0, 1.0)
-    else:
-        # A sharp edge: a one-subpixel ramp, anti-aliased by the 2x downsample.
-        body = np.clip(depth * s + 0.5, 0.0, 1.0)
+    body = _edge(margin, depth, mean_radius, texture, s, rng)
     thickness = np.sqrt(np.clip(1.0 - (rho / boundary) ** 2, 0.0, 1.0))
     mass = contrast_body * body * (0.55 + 0.45 * thickness) * (1.0 + 0.12 * texture)
     mask = np.clip(depth * s + 0.5, 0.0, 1.0)
 
     # Spicules (spiculated margin) or converging lines (architectural distortion).
+    segments = _line_segments(margin, is_distortion, rng, cx, cy, mean_radius, outline, size)
+    if segments:
+        coverage, lines = _render_segments(segments, size, s)
+        line_contrast = contrast * rng.uniform(0.55, 0.85)
+        if margin == "ill-defined":
+            lines = _blur3(lines)  # blurred lines for an ill-defined margin
+        mass = np.maximum(mass, line_contrast * lines)
+        mask = np.maximum(mask, coverage)
+
+    if margin == "obscured":
+        # Dense tissue over part of the edge. Tissue and mass combine by a soft
+        # maximum rather than a sum, so the mass boundary under the patch has
+        # (almost) no step left to see.
+        tissue = _obscuring_tissue(rng, cx, cy, mean_radius, contrast, size, texture_small)
+        tissue = tissue.repeat(s, 0).repeat(s, 1)
+        mass = np.maximum(mass, tissue) + 0.2 * np.minimum(mass, tissue)
+
+    image = background + _downsample(mass, s) + rng.normal(0.0, 0.008, (size, size))
+    mass_mask = (_downsample(mask, s) >= 0.5).astype(np.float32)
+    return np.clip(image, 0.0, 1.0).astype(np.float32), mass_mask
+
+
+def _edge(margin: str, depth: np.ndarray, mean_radius: float, texture: np.ndarray, s: int, rng) -> np.ndarray:
+    """The body's profile across its edge, in [0, 1], by margin."""
+    if margin == "ill-defined":
+        # Wide, fuzzy fading: a smooth ramp whose width wanders around the edge.
+        width = mean_radius * rng.uniform(0.3, 0.45)
+        fuzzy = depth + 0.35 * width * texture
+        return 0.5 * (1.0 + np.tanh(fuzzy / width))
+    if margin == "obscured":
+        return np.clip(depth / 1.2 + 0.5, 0.0, 1.0)
+    # A sharp edge: a one-subpixel ramp, anti-aliased by the 2x downsample.
+    return np.clip(depth * s + 0.5, 0.0, 1.0)
+
+
+def _line_segments(margin: str, is_distortion: bool, rng, cx: float, cy: float, mean_radius: float, outline,
+                   size: int) -> list:
+    """Spicules growing out of the body (spiculated) and lines converging to a focal point (distortion)."""
     segments: list = []
     if margin == "spiculated":
         # Roughly even around the body, but not a regular star.
@@ -324,25 +346,7 @@ def _render(category: Category, rng: np.random.Generator, size: int = 64):
                 cx + outer * math.cos(angle), cy + outer * math.sin(angle),
                 rng.uniform(0.8, 1.4), rng.uniform(0.3, 0.6), 1.0, 0.3,
             ))
-    if segments:
-        coverage, lines = _render_segments(segments, size, s)
-        line_contrast = contrast * rng.uniform(0.55, 0.85)
-        if margin == "ill-defined":
-            lines = _blur3(lines)  # blurred lines for an ill-defined margin
-        mass = np.maximum(mass, line_contrast * lines)
-        mask = np.maximum(mask, coverage)
-
-    if margin == "obscured":
-        # Dense tissue over part of the edge. Tissue and mass combine by a soft
-        # maximum rather than a sum, so the mass boundary under the patch has
-        # (almost) no step left to see.
-        tissue = _obscuring_tissue(rng, cx, cy, mean_radius, contrast, size, texture_small)
-        tissue = tissue.repeat(s, 0).repeat(s, 1)
-        mass = np.maximum(mass, tissue) + 0.2 * np.minimum(mass, tissue)
-
-    image = background + _downsample(mass, s) + rng.normal(0.0, 0.008, (size, size))
-    mass_mask = (_downsample(mask, s) >= 0.5).astype(np.float32)
-    return np.clip(image, 0.0, 1.0).astype(np.float32), mass_mask
+    return segments
 
 
 def _lookup(outline, theta: np.ndarray) -> np.ndarray:
@@ -399,160 +403,3 @@ def generate_phantoms(
     for index in range(start, n):
         category = phantom_category(index, cats)
         yield index, _to_uint8(render_phantom(category, phantom_rng(seed, index))), category
-
-
-# ---------------------------------------------------------------- writing
-
-
-def _phantom_id(index: int) -> str:
-    return f"phantom-{index:06d}"
-
-
-def _image_name(index: int) -> str:
-    return f"{index:06d}.png"
-
-
-def _write_range(images_dir: str, seed: int, categories: tuple, lo: int, hi: int) -> int:
-    """Render and write phantoms lo .. hi - 1 (a worker's share; also the serial path)."""
-    folder = Path(images_dir)
-    for index in range(lo, hi):
-        category = phantom_category(index, categories)
-        image = _to_uint8(render_phantom(category, phantom_rng(seed, index)))
-        Image.fromarray(image, mode="L").save(folder / _image_name(index), optimize=False)
-    return hi - lo
-
-
-def _prepare_output(out: Path, overwrite: bool) -> Path:
-    """Create OUT/images, refusing a non-empty OUT unless overwrite; returns images dir."""
-    if out.exists() and not out.is_dir():
-        raise F2MError(f"output path {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise F2MError(f"output folder {out} is not empty; pass --overwrite to replace its phantoms")
-        # Unmark the folder as finished first, then drop only files this tool writes.
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
-        old_images = out / IMAGES_DIR
-        if old_images.is_dir():
-            for png in old_images.glob("*.png"):
-                if png.stem.isdigit():
-                    png.unlink()
-    images = out / IMAGES_DIR
-    try:
-        images.mkdir(parents=True, exist_ok=True)
-        probe = images / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise F2MError(f"cannot write to output folder {out}: {err.strerror or err}") from None
-    return images
-
-
-def _check_preview(preview: str | os.PathLike | None) -> Path | None:
-    if preview is None:
-        return None
-    path = Path(preview)
-    if path.suffix.lower() != ".png":
-        raise F2MError(f"preview {path} must be a .png file")
-    if not path.parent.is_dir():
-        raise F2MError(f"preview folder {path.parent} does not exist")
-    return path
-
-
-def write_phantoms(
-    out_dir: str | os.PathLike,
-    n: int,
-    seed: int = 0,
-    categories: Sequence[Category] | None = None,
-    preview: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    workers: int | None = None,
-) -> Path:
-    """Write ``n`` phantoms as OUT/images/NNNNNN.png plus OUT/manifest.csv; returns the manifest.
-
-    The manifest (``id,path,margin,shape,patient_id``, paths relative to it) is
-    written last and atomically, so a folder without one is unfinished. The output
-    does not depend on ``workers`` (default: a process per CPU for large ``n``).
-    With ``preview``, also writes a contact sheet of up to 8 phantoms per category.
-    """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
-        raise F2MError(f"the number of phantoms must be a positive integer, got {n}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise F2MError(f"the seed must be an integer >= 0, got {seed}")
-    cats = tuple(categories) if categories else DEFAULT_CATEGORIES
-    preview_path = _check_preview(preview)
-    out = Path(out_dir)
-    images = _prepare_output(out, overwrite)
-
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 8) if n >= _PARALLEL_MIN else 1
-    workers = max(1, min(int(workers), n))
-    if workers == 1:
-        _write_range(str(images), int(seed), cats, 0, n)
-    else:
-        # Contiguous index ranges, a few per worker for load balance.
-        bounds = np.linspace(0, n, 4 * workers + 1).astype(int)
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [
-                pool.submit(_write_range, str(images), int(seed), cats, int(lo), int(hi))
-                for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo
-            ]
-            for future in futures:
-                future.result()
-
-    manifest = out / MANIFEST_NAME
-    tmp = out / f".{MANIFEST_NAME}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(MANIFEST_COLUMNS)
-        for index in range(n):
-            category = phantom_category(index, cats)
-            pid = _phantom_id(index)
-            writer.writerow(
-                (pid, f"{IMAGES_DIR}/{_image_name(index)}", category.margin, category.shape, pid)
-            )
-    os.replace(tmp, manifest)
-
-    if preview_path is not None:
-        per_category: dict[str, list[np.ndarray]] = {}
-        for k, category in enumerate(cats):
-            indices = range(k, min(n, k + 8 * len(cats)), len(cats))
-            per_category[category.name] = [
-                np.asarray(Image.open(images / _image_name(i))) for i in indices
-            ]
-        contact_sheet(per_category, preview_path)
-    return manifest
-
-
-def contact_sheet(images_by_category: dict[str, list[np.ndarray]], path: str | os.PathLike) -> Path:
-    """Save a grid: one row per category, its name at the left, its images to the right.
-
-    Images are uint8 or float in [0, 1], all the same size.
-    """
-    rows = [(name, list(imgs)) for name, imgs in images_by_category.items()]
-    if not rows:
-        raise F2MError("contact sheet: no images to show")
-    sample = next((imgs[0] for _, imgs in rows if imgs), None)
-    tile = sample.shape[0] if sample is not None else 64
-    gap = 2
-    font = ImageFont.load_default()
-    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
-    label_width = int(max(measure.textlength(name, font=font) for name, _ in rows)) + 10
-    columns = max(1, max(len(imgs) for _, imgs in rows))
-    width = label_width + columns * (tile + gap)
-    height = len(rows) * (tile + gap) + gap
-    sheet = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(sheet)
-    for r, (name, imgs) in enumerate(rows):
-        top = gap + r * (tile + gap)
-        draw.text((4, top + tile // 2 - 5), name, fill=255, font=font)
-        for c, img in enumerate(imgs):
-            arr = np.asarray(img)
-            if arr.dtype != np.uint8:
-                arr = _to_uint8(arr.astype(np.float32))
-            sheet.paste(Image.fromarray(arr, mode="L"), (label_width + c * (tile + gap), top))
-    path = Path(path)
-    try:
-        sheet.save(path)
-    except OSError as err:
-        raise F2MError(f"cannot write preview {path}: {err.strerror or err}") from None
-    return path

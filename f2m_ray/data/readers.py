@@ -48,12 +48,9 @@ raise F2MError with one line.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -61,54 +58,14 @@ from f2m_ray.data import cbis_ddsm
 
 from f2m_ray.core import images
 from f2m_ray.errors import F2MError, first_line
-from f2m_ray.labels import MARGINS, SHAPES
 from f2m_ray.storage import filesystem, is_remote, join
+from f2m_ray.data.decode import DecodeOptions, HEADER_BYTES, decode, drop_summary
+from f2m_ray.data.rows import IMAGE_SIZE, ReadResult, SPLIT_ALIASES, Drops, assign_split
 
-IMAGE_SIZE = images.MODEL_SIZE
+
 PHANTOM_DEFAULT_N = 2000
-ROW_COLUMNS = ("roi_id", "image", "margin", "shape", "patient_id", "split", "source")
 FORMATS = ("auto", "manifest", "cbis-ddsm", "phantom")
 MANIFEST_NAMES = ("manifest.csv", "manifest.parquet")
-DECODE_BATCH = 8  # rows per decode call: full mammograms are tens of MB each
-MAX_DECODE_BLOCKS = 64
-HEADER_BYTES = 1 << 16  # enough for a DICOM header or an image header
-# Variables the storage layer reads. Shipped to decode tasks for remote sources, because the
-# workers of a Ray started earlier do not see variables the driver set afterwards.
-STORAGE_VARIABLES = (
-    "AWS_ENDPOINT_URL", "F2M_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-)
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                 "validation": "val", "test": "val"}
-
-
-@dataclass
-class ReadResult:
-    """A labeled dataset and what was left out on the way in."""
-
-    dataset: "object"  # ray.data.Dataset with ROW_COLUMNS
-    rows: int  # usable rows in `dataset`
-    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows left out
-    description: str = ""
-    per_category: dict[str, int] = field(default_factory=dict)  # 'margin-shape' -> usable rows
-    split_rows: dict[str, int] = field(default_factory=dict)  # 'train'/'val' -> usable rows
-    split_patients: dict[str, int] = field(default_factory=dict)  # 'train'/'val' -> patients
-    mapped: dict[str, int] = field(default_factory=dict)  # 'margin A-B -> b' -> rows (compound labels)
-    original_sizes: "np.ndarray | None" = None  # (rows, 2) int64: height, width before resizing
-    examples: dict[str, str] = field(default_factory=dict)  # reason -> one affected path or value
-    format: str = ""
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """How decode tasks turn files into 64x64 rows (travels to Ray tasks as a dict)."""
-
-    roi_source: str = "cropped"  # 'cropped': the ROI image as is; 'mask': crop around the mask
-    window: str = "auto"  # windowing rule, f2m_ray.core.images
-    mask_margin: float = images.DEFAULT_MASK_MARGIN  # context around the mask box, per side
-    size: int = IMAGE_SIZE  # output side in pixels
-
-
 # ---------------------------------------------------------------- entry point
 
 
@@ -192,51 +149,16 @@ def detect_format(data: str) -> str:
     return "cbis-ddsm" if cbis_ddsm.is_cbis_csv(head) else "manifest"
 
 
-# ---------------------------------------------------------------- split
-
-
-def assign_split(patient_ids: list[str], val_fraction: float, seed: int) -> list[str]:
-    """'val' for a reproducible `val_fraction` of patients (hashing (seed, patient)), else 'train'.
-
-    Each id independently (used for phantoms, rendered in parallel)."""
-    out = []
-    for pid in patient_ids:
-        u = int.from_bytes(_patient_hash(seed, pid)[:8], "little") / 2**64
-        out.append("val" if u < val_fraction else "train")
-    return out
-
-
-def _patient_hash(seed: int, patient: str) -> bytes:
-    return hashlib.sha256(f"{seed}:{patient}".encode()).digest()
-
-
-def split_by_patient(patient_ids: list[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """patient -> 'train'/'val': the lowest-hashing round(val_fraction * n) patients are val."""
-    patients = sorted(set(patient_ids))
-    n = len(patients)
-    k = int(round(val_fraction * n))
-    if val_fraction > 0 and n >= 2:
-        k = min(max(k, 1), n - 1)
-    else:
-        k = min(k, max(n - 1, 0))
-    ranked = sorted(patients, key=lambda p: _patient_hash(seed, p))
-    val = set(ranked[:k])
-    return {p: ("val" if p in val else "train") for p in patients}
-
-
 # ---------------------------------------------------------------- phantoms
-
-
-def to_model_range(image: np.ndarray) -> np.ndarray:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
-    return image.astype(np.float32) / 127.5 - 1.0
 
 
 def read_phantoms(n: int, seed: int = 0, val_fraction: float = 0.1) -> ReadResult:
     """Phantoms 0 .. n-1 of `seed`, rendered in parallel by Ray Data (one patient per phantom)."""
     import ray
 
-    from f2m_ray.data.phantom import DEFAULT_CATEGORIES, phantom_category
+    from f2m_ray.data.phantom import phantom_category
+
+    from f2m_ray.data.phantom import DEFAULT_CATEGORIES
     from f2m_ray.runtime.cluster import ensure_ray
 
     if n < 2:
@@ -251,7 +173,7 @@ def read_phantoms(n: int, seed: int = 0, val_fraction: float = 0.1) -> ReadResul
         roi_ids = [f"phantom-{i:06d}" for i, _, _ in rows]
         return {
             "roi_id": np.array(roi_ids, dtype=object),
-            "image": np.stack([to_model_range(img) for _, img, _ in rows]),
+            "image": np.stack([images.to_model_range(img) for _, img, _ in rows]),
             "margin": np.array([c.margin_id for _, _, c in rows], dtype=np.int64),
             "shape": np.array([c.shape_id for _, _, c in rows], dtype=np.int64),
             "patient_id": np.array(roi_ids, dtype=object),
@@ -270,23 +192,7 @@ def read_phantoms(n: int, seed: int = 0, val_fraction: float = 0.1) -> ReadResul
     )
 
 
-# ---------------------------------------------------------------- tables
-
-
-class _Drops:
-    """Counts of rows left out, by reason, with one example each."""
-
-    def __init__(self) -> None:
-        self.counts: Counter = Counter()
-        self.examples: dict[str, str] = {}
-
-    def add(self, reason: str, example: str = "", n: int = 1) -> None:
-        self.counts[reason] += n
-        if example and reason not in self.examples:
-            self.examples[reason] = example
-
-
-def _map_labels(margin_value, shape_value, compound: str, drops: _Drops, mapped: Counter, example: str):
+def _map_labels(margin_value, shape_value, compound: str, drops: Drops, mapped: Counter, example: str):
     """(margin id, shape id) or None (counted in drops); the margin is checked first."""
     m, reason, note_m = cbis_ddsm.map_margin(margin_value, compound)
     if reason:
@@ -355,7 +261,7 @@ def read_manifest(
     base = manifest_path.rsplit("/", 1)[0] if "/" in manifest_path else "."
     columns = {c: table.column(c).to_pylist() for c in table.column_names}
     n = table.num_rows
-    drops, mapped, seen = _Drops(), Counter(), set()
+    drops, mapped, seen = Drops(), Counter(), set()
 
     def resolve(rel: str) -> str:
         return rel if (is_remote(rel) or os.path.isabs(rel)) else join(base, rel)
@@ -392,9 +298,9 @@ def read_manifest(
             "crop_files": crop_files, "mask_files": mask_files, "image_files": image_files,
         })
     if not jobs:
-        detail = _drop_summary(drops.counts) if drops.counts else "the manifest has no rows"
+        detail = drop_summary(drops.counts) if drops.counts else "the manifest has no rows"
         raise F2MError(f"no usable rows in {manifest_path} ({detail})")
-    return _decode(jobs, drops, mapped, val_fraction, seed, options, f"manifest {manifest_path}", "manifest")
+    return decode(jobs, drops, mapped, val_fraction, seed, options, f"manifest {manifest_path}", "manifest")
 
 
 def read_cbis_ddsm(
@@ -419,7 +325,7 @@ def read_cbis_ddsm(
         fs, inner = filesystem(path)
         image_root = path if fs.isdir(inner) else (path.rsplit("/", 1)[0] if "/" in path else ".")
     index = cbis_ddsm.DicomIndex.build(image_root)
-    drops, mapped, seen = _Drops(), Counter(), set()
+    drops, mapped, seen = Drops(), Counter(), set()
     jobs = []
     for csv_path, number, row in rows:
         crop_cell = row.get(cbis_ddsm.CROPPED_PATH, "")
@@ -458,196 +364,5 @@ def read_cbis_ddsm(
         hint = ""
         if not index.cases:
             hint = f"; no CBIS-DDSM case folders (like Mass-Training_P_00001_LEFT_CC_1) under {image_root}"
-        raise F2MError(f"no usable rows in {where} ({_drop_summary(drops.counts)}{hint})")
-    return _decode(jobs, drops, mapped, val_fraction, seed, options, f"CBIS-DDSM {where}", "cbis-ddsm")
-
-
-# ---------------------------------------------------------------- decoding in Ray Data
-
-
-def _drop_summary(counts: dict) -> str:
-    return "dropped: " + ", ".join(f"{reason} x{n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-def _storage_environment(jobs: list[dict]) -> dict[str, str]:
-    remote = any(
-        is_remote(p) for job in jobs for key in ("crop_files", "mask_files", "image_files")
-        for p in job[key].split("\n") if p
-    )
-    return {k: os.environ[k] for k in STORAGE_VARIABLES if remote and k in os.environ}
-
-
-@contextlib.contextmanager
-def quiet_ray_data():
-    """Ray Data's per-dataset INFO lines (progress, without a terminal) off while reading; restored after."""
-    import logging
-
-    import ray.data  # noqa: F401  (importing it configures its loggers: do that first)
-
-    logger = logging.getLogger("ray.data")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _decode(jobs, drops: _Drops, mapped: Counter, val_fraction, seed, options: DecodeOptions,
-            what: str, fmt: str) -> ReadResult:
-    import ray
-
-    from f2m_ray.runtime.cluster import ensure_ray
-
-    split_of = split_by_patient([j["patient_id"] for j in jobs], val_fraction, seed)
-    for job in jobs:
-        job["split"] = job["split"] or split_of[job["patient_id"]]
-    ensure_ray()
-    option_dict, environment = asdict(options), _storage_environment(jobs)
-
-    def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        opts = DecodeOptions(**option_dict)
-        n = len(batch["roi_id"])
-        out_images = np.zeros((n, opts.size, opts.size), dtype=np.float32)
-        problems, sources = [""] * n, [""] * n
-        sizes = np.zeros((n, 2), dtype=np.int64)
-        with _environment(environment):
-            for i in range(n):
-                try:
-                    image, source, size = _load_roi(
-                        str(batch["crop_files"][i]), str(batch["mask_files"][i]), str(batch["image_files"][i]), opts
-                    )
-                    out_images[i], sources[i], sizes[i] = image, source, size
-                except images.ImageProblem as err:
-                    problems[i] = err.reason
-                    sources[i] = _first(batch["crop_files"][i] or batch["mask_files"][i])
-                except Exception as err:  # one bad file must not stop the run: count it
-                    problems[i] = f"unreadable image ({type(err).__name__})"
-                    sources[i] = _first(batch["crop_files"][i] or batch["mask_files"][i])
-        return {
-            "roi_id": batch["roi_id"],
-            "image": out_images,
-            "margin": batch["margin"].astype(np.int64),
-            "shape": batch["shape"].astype(np.int64),
-            "patient_id": batch["patient_id"],
-            "split": batch["split"],
-            "source": np.array(sources, dtype=object),
-            "problem": np.array(problems, dtype=object),
-            "height": sizes[:, 0],
-            "width": sizes[:, 1],
-        }
-
-    def keep_usable(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["problem"] == ""
-        return {c: batch[c][ok] for c in ROW_COLUMNS}
-
-    # Enough blocks to keep every CPU busy on large sets, not a task per row on small ones.
-    blocks = max(1, min(-(-len(jobs) // DECODE_BATCH), MAX_DECODE_BLOCKS))
-    with quiet_ray_data():
-        decoded = (
-            ray.data.from_items(jobs, override_num_blocks=blocks)
-            .map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy")
-            .materialize()
-        )
-        meta = decoded.select_columns(
-            ["roi_id", "margin", "shape", "patient_id", "split", "source", "problem", "height", "width"]
-        ).to_pandas()
-        for reason, source in zip(meta["problem"], meta["source"]):
-            if reason:
-                drops.add(reason, str(source))
-        usable = meta[meta["problem"] == ""]
-        if usable.empty:
-            raise F2MError(f"nothing usable in {what} ({_drop_summary(drops.counts)})")
-        if len(usable) == len(meta):  # nothing to filter: a projection of the materialized blocks
-            dataset = decoded.select_columns(list(ROW_COLUMNS))
-        else:
-            dataset = decoded.map_batches(keep_usable, batch_format="numpy").materialize()
-    categories = Counter(f"{MARGINS[m]}-{SHAPES[s]}" for m, s in zip(usable["margin"], usable["shape"]))
-    split_rows = Counter(usable["split"])
-    split_patients = Counter(usable.drop_duplicates(["patient_id", "split"])["split"])
-    n = len(usable)
-    return ReadResult(
-        dataset, n, dict(drops.counts),
-        f"{n} ROIs from {what}" + (f" ({sum(drops.counts.values())} rows dropped)" if drops.counts else ""),
-        per_category=dict(sorted(categories.items())), split_rows=dict(split_rows),
-        split_patients=dict(split_patients), mapped=dict(mapped),
-        original_sizes=usable[["height", "width"]].to_numpy(dtype=np.int64),
-        examples=dict(drops.examples), format=fmt,
-    )
-
-
-def _first(files) -> str:
-    return str(files).split("\n", 1)[0]
-
-
-# ---------------------------------------------------------------- one ROI (runs in Ray tasks)
-
-
-def _read(path: str, head_only: bool = False) -> bytes:
-    fs, inner = filesystem(path)
-    try:
-        with fs.open(inner, "rb", **({"block_size": HEADER_BYTES} if head_only and is_remote(path) else {})) as handle:
-            return handle.read(HEADER_BYTES) if head_only else handle.read()
-    except FileNotFoundError:
-        raise images.ImageProblem(images.MISSING_FILE, path) from None
-    except IsADirectoryError:
-        raise images.ImageProblem(images.NOT_AN_IMAGE, path) from None
-
-
-def _by_area(paths: list[str], largest_first: bool) -> list[str]:
-    """Candidates ordered by pixel area from their headers (files without a readable header last)."""
-    if len(paths) < 2:
-        return paths
-    areas = []
-    for p in paths:
-        size = images.header_size(_read(p, head_only=True), p)
-        areas.append(size[0] * size[1] if size else None)
-    known = sorted((a, i) for i, a in enumerate(areas) if a is not None)
-    if largest_first:
-        known.reverse()
-    return [paths[i] for _, i in known] + [p for p, a in zip(paths, areas) if a is None]
-
-
-def _pick(files: str, role: str) -> tuple[str, images.Pixels]:
-    """The candidate that plays `role` ('crop', 'mask' or 'full') and its pixels, by content:
-    a mask is binary; the crop is the smallest non-binary image, the full image the largest."""
-    candidates = [p for p in files.split("\n") if p]
-    for path in _by_area(candidates, largest_first=role != "crop"):
-        pixels = images.decode(_read(path), path)
-        if images.is_binary(pixels.array) == (role == "mask"):
-            return path, pixels
-    raise images.ImageProblem({"crop": images.ONLY_MASKS, "mask": images.NO_MASK, "full": images.NO_FULL_IMAGE}[role])
-
-
-def _load_roi(crop_files: str, mask_files: str, image_files: str, opts: DecodeOptions):
-    """-> (image float32 (size, size) in [-1, 1], source path, (height, width) before resizing)."""
-    if opts.roi_source == "cropped":
-        candidates = [p for p in crop_files.split("\n") if p]
-        if len(candidates) == 1:  # one named file: whatever it holds is the ROI
-            path = candidates[0]
-            pixels = images.decode(_read(path), path)
-        else:
-            path, pixels = _pick(crop_files, "crop")
-    else:
-        mask_path, mask = _pick(mask_files, "mask")
-        path, pixels = _pick(image_files, "full")
-        if mask.array.shape != pixels.array.shape:
-            raise images.ImageProblem(images.MASK_SIZE_MISMATCH, f"{mask.array.shape} vs {pixels.array.shape}")
-        top, left, side = images.mask_window(mask.array, opts.mask_margin)
-        pixels = images.Pixels(images.crop_window(pixels.array, top, left, side), pixels.bits, pixels.description)
-    height, width = pixels.array.shape
-    return images.model_image(pixels, opts.window, opts.size), path, (height, width)
+        raise F2MError(f"no usable rows in {where} ({drop_summary(drops.counts)}{hint})")
+    return decode(jobs, drops, mapped, val_fraction, seed, options, f"CBIS-DDSM {where}", "cbis-ddsm")

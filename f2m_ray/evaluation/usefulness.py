@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from f2m_ray.core import metrics
-from f2m_ray.config import _build as build_dataclass
+from f2m_ray.config import build_dataclass
 from f2m_ray.evaluation.judge import JudgeConfig, JudgeTrainConfig, fit, new_judge, predict
 from f2m_ray.labels import MARGINS, SHAPES
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from f2m_ray.errors import F2MError
-from f2m_ray.schema import decode_png, to_uint8
+from f2m_ray.core.images import to_uint8
+from f2m_ray.schema import decode_png
 
 TILE = 64  # pixels per image
 GAP = 4  # between decoded images

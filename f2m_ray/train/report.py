@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from f2m_ray.errors import F2MError
+from f2m_ray.core.images import to_uint8
 from f2m_ray.storage import filesystem, join
 
 METRICS_FILE = "metrics.jsonl"
@@ -206,11 +207,6 @@ def loss_curve_png(history: Sequence[dict], chance: dict[str, float] | None = No
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats -> uint8 [0, 255]."""
-    return np.clip((np.asarray(images, dtype=np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
 def sample_grid_png(real: np.ndarray, reconstructed: np.ndarray, row_labels: Sequence[str], per_row: int) -> bytes:

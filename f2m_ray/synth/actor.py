@@ -1,0 +1,353 @@
+"""The Ray Data actor that makes one shard file: plan, mix, decode, guard, PNG, Parquet.
+
+It runs the same in a Ray worker and in this process (`synthesize(use_ray=False)`); it is
+built from an `ActorSpec` of plain values and paths, so a restarted actor rebuilds itself.
+"""
+
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from f2m_ray import __version__
+from f2m_ray.errors import F2MError
+from f2m_ray.bank import FeatureBank, load_feature_bank
+from f2m_ray.labels import Category, parse_category
+from f2m_ray.core.mixing import mix_rows, scheme
+from f2m_ray.core.images import to_uint8
+from f2m_ray.schema import SYNTHETIC_SCHEMA, image_column, png_bytes, synthetic_metadata, write_table
+from f2m_ray.storage import join
+from f2m_ray.runtime.actors import ActorPlan, prepare_torch
+from f2m_ray.synth.plan import ResolvedRun, absolute
+
+
+ROW_GROUP_ROWS = 1000  # ~4 MB of PNGs per row group: readers can stream a file
+PROGRESS_ROWS = 512  # actors report progress about this often (rounded to decode batches)
+# ---------------------------------------------------------------- the actor
+
+
+class ShardSynthesizer:
+    """Ray Data actor: loads the model and bank once; turns a shard into a Parquet file."""
+
+    def __init__(self, spec: ActorSpec):
+        from f2m_ray.checkpoint import load_generator
+
+        self.spec = spec
+        prepare_torch(spec.torch_threads, spec.device)
+        self.device = spec.device
+        self.generator, meta = load_generator(spec.checkpoint, self.device)
+        if meta["model_id"] != spec.model_id:
+            raise F2MError(f"the checkpoint {spec.checkpoint} changed during the run")
+        self.bank = load_feature_bank(spec.bank, with_images=True)
+        if self.bank.bank_id != spec.bank_id:
+            raise F2MError(f"the feature bank {spec.bank} changed during the run")
+        self.judge = None
+        if spec.judge:
+            from f2m_ray.evaluation.judge import load_judge
+
+            loaded = load_judge(spec.judge)
+            if loaded.judge_id != spec.judge_id:
+                raise F2MError(f"the judge {spec.judge} changed during the run")
+            self.judge = loaded.model.to(self.device).eval()
+        self.pools: dict[str, np.ndarray] = {}  # category -> bank rows of its seeds, roi_id order
+        self.centroids: dict[str, np.ndarray | None] = {}  # category -> mean seed feature (variance-preserving)
+        variance_preserving = scheme(spec.mixing).variance_preserving
+        for name in spec.categories:
+            pool = self.pools[name] = self.bank.pool(parse_category(name), spec.seed_split)
+            self.centroids[name] = pool_centroid(self.bank.features, pool) if variance_preserving else None
+        # nearest_seed_distance: to every real ROI of the seed split, of any category (a mass may
+        # come closest to a patient's ROI of another category), as evaluate's memorization measures.
+        self.seed_pixels = SeedPixels.of(self.bank, self.bank.seed_rows(spec.seed_split))
+        self.metadata_base = {
+            "tool_version": __version__,
+            "model_id": spec.model_id,
+            "bank_id": spec.bank_id,
+            "model_config": spec.preset,
+            "run": spec.fingerprint,
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        for category, start, stop, path in zip(batch["category"], batch["start"], batch["stop"], batch["path"]):
+            yield from self.synthesize_shard(str(category), int(start), int(stop), str(path))
+
+    def synthesize_shard(self, category_name: str, start: int, stop: int, relative_path: str):
+        """Yield progress records, then one record naming the written file."""
+        spec = self.spec
+        category = parse_category(category_name)
+        pool = self.pools[category_name]
+        batch_size = spec.batch_size
+        columns: dict[str, list] = {k: [] for k in COLUMNS}
+        reported = 0
+        begin = start
+        while begin < stop:
+            end = min(stop, (begin // batch_size + 1) * batch_size)  # decode batches aligned on absolute indices
+            self._decode_batch(category, pool, begin, end, columns)
+            begin = end
+            if begin - start - reported >= PROGRESS_ROWS and begin < stop:
+                yield _record(category_name, start, stop, begin - start - reported)
+                reported = begin - start
+        guard = guard_counts(columns)
+        table = self._table(category, start, stop, columns, guard)
+        size = write_table(table, join(spec.out, relative_path), row_group_size=ROW_GROUP_ROWS)
+        yield _record(category_name, start, stop, stop - start - reported, relative_path, size, guard)
+
+    def _decode_batch(self, category: Category, pool: np.ndarray, begin: int, end: int, columns: dict[str, list]) -> None:
+        """Samples [begin, end): candidate 0 for each, then further sub-seeds for those a guard rejects."""
+        spec = self.spec
+        n = end - begin
+        best = self._candidates(category, pool, np.arange(begin, end), 0)
+        shortfall = self._shortfall(best)  # (n,), 0 = every guard passed
+        attempt = np.zeros(n, dtype=np.int32)
+        tried = np.ones(n, dtype=np.int32)
+        for a in range(1, spec.max_attempts):
+            pending = np.flatnonzero(shortfall > 0)
+            if len(pending) == 0:
+                break
+            candidate = self._candidates(category, pool, begin + pending, a)
+            gap = self._shortfall(candidate)
+            tried[pending] += 1
+            better = gap < shortfall[pending]  # the first candidate wins ties: a pure function of i
+            for key, values in candidate.items():
+                best[key][pending[better]] = values[better]
+            shortfall[pending[better]] = gap[better]
+            attempt[pending[better]] = a
+        columns["png"].extend(png_bytes(p) for p in best["pixels"])
+        for rows, weights in zip(best["rows"], best["weights"]):  # only the seeds that carry weight
+            carried = weights > 0
+            columns["seed_ids"].append(self.bank.roi_id[rows[carried]].tolist())
+            columns["weights"].append(weights[carried].tolist())
+        columns["distance"].extend(best["distance"].tolist())
+        columns["confidence"].extend(best["confidence"].tolist())
+        columns["attempt"].extend(attempt.tolist())
+        columns["passed"].extend((shortfall == 0).tolist())
+        columns["tried"].extend(tried.tolist())
+
+    def _candidates(self, category: Category, pool: np.ndarray, indices: np.ndarray, attempt: int) -> dict[str, np.ndarray]:
+        """Plan, mix, decode and score candidate `attempt` of samples `indices` (at most one decode batch)."""
+        import torch
+
+        from f2m_ray.core.mixing import plan_sample
+        from f2m_ray.core.images import to_model_range
+
+        spec = self.spec
+        b = len(indices)
+        plans = [
+            plan_sample(spec.seed, category.id, int(index), len(pool), spec.k, spec.step, spec.alpha, attempt)
+            for index in indices
+        ]
+        rows = np.stack([pool[p.seed_positions] for p in plans])  # (b, K) bank rows
+        weights = np.stack([p.weights for p in plans])  # (b, K), each row on the grid, sum 1
+        # Always a full decode batch (zero-padded): a sample's bytes must not depend on its batch-mates.
+        mixed = np.zeros((spec.batch_size, self.bank.feature_dim), dtype=np.float32)  # (B, D)
+        mixed[:b] = mix_rows(self.bank.features[rows], weights, self.centroids[category.name], len(pool))
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
+            images = self.generator.decode(torch.from_numpy(mixed).to(self.device))  # (B, 1, 64, 64)
+        pixels = to_uint8(images.float().cpu().numpy()[:, 0])  # (B, 64, 64) uint8, as stored
+        confidence = np.full(b, np.nan, dtype=np.float32)
+        if self.judge is not None:  # scores the stored 8-bit image, as a reader of the PNG gets it
+            confidence = self._label_confidence(to_model_range(pixels), category)[:b]
+        return {
+            "rows": rows,
+            "weights": weights,
+            "pixels": pixels[:b],
+            "distance": self.seed_pixels.nearest(pixels[:b]),
+            "confidence": confidence,
+        }
+
+    def _label_confidence(self, images: np.ndarray, category: Category) -> np.ndarray:
+        """p(margin | x) * p(shape | x) from the judge for a full (B, 64, 64) batch."""
+        import torch
+
+        with torch.inference_mode():
+            h = self.judge.features(torch.from_numpy(images).to(self.device))
+            margin = torch.softmax(self.judge.margin_head(h).float(), dim=1)[:, category.margin_id]
+            shape = torch.softmax(self.judge.shape_head(h).float(), dim=1)[:, category.shape_id]
+        return (margin * shape).cpu().numpy().astype(np.float32)
+
+    def _shortfall(self, candidate: dict[str, np.ndarray]) -> np.ndarray:
+        """How far each candidate falls short of the guards, each in its own relative units; 0 = accepted."""
+        spec = self.spec
+        gap = np.zeros(len(candidate["rows"]), dtype=np.float64)
+        if spec.min_label_confidence is not None:
+            p = float(spec.min_label_confidence)
+            gap += np.maximum(0.0, p - candidate["confidence"].astype(np.float64)) / p
+        if spec.min_seed_distance is not None:
+            d = float(spec.min_seed_distance)
+            gap += np.maximum(0.0, d - candidate["distance"].astype(np.float64)) / d
+        return gap
+
+    def _table(self, category: Category, start: int, stop: int, columns: dict[str, list], guard: dict[str, int]):
+        import pyarrow as pa
+
+        spec = self.spec
+        n = stop - start
+        ids = [f"{category.name}-{i:09d}" for i in range(start, stop)]
+        distance = np.asarray(columns["distance"], dtype=np.float32)
+        confidence = np.asarray(columns["confidence"], dtype=np.float32)
+        metadata = synthetic_metadata(
+            {**self.metadata_base, "category": category.name, "sample_range": [start, stop], "guard": guard}
+        )
+        schema = SYNTHETIC_SCHEMA.with_metadata(metadata)
+        return pa.Table.from_arrays(
+            [
+                pa.array(ids, pa.string()),
+                pa.array(np.arange(start, stop, dtype=np.int64)),
+                image_column(columns["png"], [f"{i}.png" for i in ids]),
+                pa.array(np.full(n, 64, dtype=np.int32)),
+                pa.array(np.full(n, 64, dtype=np.int32)),
+                pa.array([category.margin] * n, pa.string()),
+                pa.array([category.shape] * n, pa.string()),
+                pa.array([category.name] * n, pa.string()),
+                pa.array(np.full(n, category.margin_id, dtype=np.int64)),
+                pa.array(np.full(n, category.shape_id, dtype=np.int64)),
+                pa.array(columns["seed_ids"], pa.list_(pa.string())),
+                pa.array(columns["weights"], pa.list_(pa.float64())),
+                pa.array([spec.model_id] * n, pa.string()),
+                pa.array([spec.bank_id] * n, pa.string()),
+                pa.array(np.full(n, spec.seed, dtype=np.int64)),
+                pa.array(confidence, pa.float32(), mask=np.isnan(confidence)),
+                pa.array(distance, pa.float32()),
+                pa.array(np.asarray(columns["attempt"], dtype=np.int32)),
+                pa.array(np.asarray(columns["passed"], dtype=bool)),
+            ],
+            schema=schema,
+        )
+
+
+def pool_centroid(features: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """The category centroid of the variance-preserving mix: mean seed feature, (D,) float64.
+
+    A fixed-order float64 sum over the pool (roi_id order), the same in every actor.
+    """
+    return np.add.reduce(features[pool].astype(np.float64), axis=0) / len(pool)
+
+
+@dataclass(frozen=True)
+class SeedPixels:
+    """The seed split's real images (8-bit, every category), for the RMS pixel distance to the nearest one.
+
+    Pixels are whole numbers 0..255 held in float64, so every dot product below is an exact
+    integer (4096 * 255**2 is far below 2**53) whatever the summation order: the distance, and
+    with it a guard's verdict, is the same on any machine, thread count or batch. The product
+    runs in torch, on the actor's torch threads: numpy's BLAS would start a second thread pool
+    whose idle spinning slows the decoder down by a fifth on 2 cores.
+    """
+
+    seeds_t: Any  # torch (H*W, T) float64, whole numbers 0..255
+    norms: Any  # torch (T,) squared L2 norms (exact)
+
+    @classmethod
+    def of(cls, bank: FeatureBank, rows: np.ndarray) -> "SeedPixels":
+        import torch
+
+        from f2m_ray.schema import decode_png
+
+        images = np.stack([decode_png(bank.images[r]) for r in rows]).reshape(len(rows), -1).astype(np.float64)
+        seeds = torch.from_numpy(images)
+        return cls(seeds.T.contiguous(), (seeds * seeds).sum(dim=1))
+
+    def nearest(self, pixels: np.ndarray) -> np.ndarray:
+        """(b, H, W) uint8 images -> (b,) float32 RMS difference to the nearest seed-split ROI, in [-1, 1] units.
+
+        The same measure as `metrics.nearest_rms_pixel_distances` on images in f2m-ray's
+        [-1, 1] range (0 for an exact copy). The seed split is never empty (`resolve` refuses that).
+        """
+        import torch
+
+        b = len(pixels)
+        x = torch.from_numpy(pixels.reshape(b, -1).astype(np.float64))
+        squared = (x * x).sum(dim=1)[:, None] - 2.0 * (x @ self.seeds_t) + self.norms[None, :]  # exact integers
+        nearest = squared.min(dim=1).values.clamp(min=0.0).numpy()
+        return (np.sqrt(nearest / x.shape[1]) / 127.5).astype(np.float32)  # 8-bit -> [-1, 1] units
+
+
+GUARD_KEYS = ("candidates", "rejected", "unmet")
+COLUMNS = ("png", "seed_ids", "weights", "distance", "confidence", "attempt", "passed", "tried")
+
+
+def guard_counts(columns: dict[str, list]) -> dict[str, int]:
+    """Per-file guard statistics: candidates tried, rejected, and masses that passed no candidate."""
+    samples = len(columns["attempt"])
+    candidates = int(sum(columns["tried"]))
+    return {
+        "samples": samples,
+        "candidates": candidates,
+        "rejected": candidates - int(sum(columns["passed"])),  # every candidate not kept as passing
+        "unmet": int(samples - sum(columns["passed"])),
+    }
+
+
+def _record(category: str, start: int, stop: int, rows: int, path: str = "", size: int = 0,
+            guard: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    guard = guard or {}
+    return {
+        "candidates": np.array([guard.get("candidates", 0)], dtype=np.int64),
+        "rejected": np.array([guard.get("rejected", 0)], dtype=np.int64),
+        "unmet": np.array([guard.get("unmet", 0)], dtype=np.int64),
+        "category": np.array([category]),
+        "start": np.array([start], dtype=np.int64),
+        "stop": np.array([stop], dtype=np.int64),
+        "rows": np.array([rows], dtype=np.int64),
+        "path": np.array([path]),
+        "bytes": np.array([size], dtype=np.int64),
+    }
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """Everything a ShardSynthesizer needs: plain values and paths (it travels to Ray workers)."""
+
+    checkpoint: str
+    bank: str
+    model_id: str
+    bank_id: str
+    preset: dict[str, Any]
+    fingerprint: dict[str, Any]  # written into every file's metadata
+    categories: tuple[str, ...]
+    out: str  # absolute: actors may run in another working directory
+    seed: int
+    mixing: str
+    k: int
+    step: float
+    alpha: float
+    batch_size: int
+    seed_split: str
+    torch_threads: int
+    device: str
+    judge: str | None
+    judge_id: str | None
+    min_label_confidence: float | None
+    min_seed_distance: float | None
+    max_attempts: int
+
+
+def actor_spec(run: ResolvedRun, actors: ActorPlan) -> ActorSpec:
+    """The ActorSpec of a resolved run on an actor plan."""
+    c = run.config
+    return ActorSpec(
+        checkpoint=run.checkpoint,
+        bank=run.bank_path,
+        model_id=run.model_id,
+        bank_id=run.bank_id,
+        preset=run.preset,
+        fingerprint=run.fingerprint(),
+        categories=tuple(p.category.name for p in run.categories),
+        out=absolute(c.out),
+        seed=c.seed,
+        mixing=c.mixing,
+        k=c.k,
+        step=c.step,
+        alpha=c.alpha,
+        batch_size=c.batch_size,
+        seed_split=c.seed_split,
+        torch_threads=actors.torch_threads,
+        device=actors.device,
+        judge=run.judge_path,
+        judge_id=run.judge_id,
+        min_label_confidence=c.min_label_confidence,
+        min_seed_distance=c.min_seed_distance,
+        max_attempts=c.max_attempts if run.guarded else 1,
+    )
