@@ -3,7 +3,7 @@
 Builds a synthetic CBIS-DDSM download (the archive's folder layout, uncompressed 16-bit
 DICOM: full mammograms of --full-size, crops of about a fifth of that, binary masks as
 large as the full image) and reads it four ways, the same per-row work each time
-(f2m_ray.data.readers._load_roi: read, pick crop/mask by content, window, resize):
+(f2m_ray.data.decode._load_roi: read, pick crop/mask by content, window, resize):
 
     (a) one process, a plain loop over the rows, --roi-source cropped
     (b) read_labeled(..., roi_source="cropped"): Ray Data tasks, materialized (Ray started before)
