@@ -60,8 +60,8 @@ def check(source: str, fmt: str, roi_source: str, compound: str, window: str, ma
     for line in report_lines(result):
         click.echo(line)
     if not no_sheet:
-        with quiet_ray_data():
-            written = write_sheet(result, sheet)
+        quiet_ray_data()
+        written = write_sheet(result, sheet)
         click.echo(f"contact sheet: {written}")
 
 

@@ -18,7 +18,7 @@ NOISE = (b"[2026-12-03 13:21:16,707 E 2648 2648] core_worker.cc:2465: Actor with
 def test_the_stderr_filter_drops_only_the_native_noise_and_loses_nothing_else():
     child = f"""
 import os, sys
-from f2m_ray.runtime.cluster import NativeStderrFilter
+from f2m_ray.runtime.console import NativeStderrFilter
 f = NativeStderrFilter()
 os.write(2, b"first line\\n")
 os.write(2, {NOISE!r} + b"\\n")

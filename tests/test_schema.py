@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from f2m_ray import schema
-from f2m_ray.core.images import to_model_range
+from f2m_ray.core.images import to_model_range, to_uint8
 
 
 def test_synthetic_columns_and_types():
@@ -55,8 +55,8 @@ def test_png_round_trip_and_model_range():
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     np.testing.assert_array_equal(schema.decode_png(data), pixels)
     # to_uint8 inverts the readers' uint8 -> [-1, 1] mapping exactly, and clips.
-    np.testing.assert_array_equal(schema.to_uint8(to_model_range(pixels)), pixels)
-    np.testing.assert_array_equal(schema.to_uint8(np.array([-3.0, 3.0])), [0, 255])
+    np.testing.assert_array_equal(to_uint8(to_model_range(pixels)), pixels)
+    np.testing.assert_array_equal(to_uint8(np.array([-3.0, 3.0])), [0, 255])
 
 
 def _table(n=5):
