@@ -130,8 +130,10 @@ def test_local_files_and_manifest(local_run, model):
 def test_local_reads_back_everywhere(local_run, model):
     out, _ = local_run
     check_rows(read_table(str(out)).to_pandas(), model)  # the library
-    check_rows(pd.read_parquet(out), model)  # pandas on the folder
-    check_rows(pads.dataset(str(out), format="parquet").to_table().to_pandas(), model)  # pyarrow.dataset
+    # pandas and pyarrow on the folder: past the dataset card (README.md), which they would read as Parquet
+    check_rows(pd.read_parquet(out, ignore_prefixes=[".", "_", "README"]), model)
+    check_rows(pd.read_parquet(out / CATEGORY), model)  # one category's folder
+    check_rows(pads.dataset(str(out), format="parquet", exclude_invalid_files=True).to_table().to_pandas(), model)
     counts = duckdb.sql(f"select count(*), count(distinct sample_id), min(category), max(category), "
                         f"max(abs(list_sum(weights) - 1)) from read_parquet('{out}/**/*.parquet')").fetchall()[0]
     assert counts[:4] == (1000, 1000, CATEGORY, CATEGORY) and counts[4] < 1e-9
@@ -268,7 +270,7 @@ def test_s3_through_the_command_line(model, s3_bucket, local_run, ray_local, tmp
     assert "wrote 1000 masses in 2 files" in result.stdout and "actor(s)" in result.stderr
     client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket[5:])["Contents"])
-    assert keys == ["synthetic/run1/_manifest.json", "synthetic/run1/_run.json",
+    assert keys == ["synthetic/run1/README.md", "synthetic/run1/_manifest.json", "synthetic/run1/_run.json",
                     f"synthetic/run1/{CATEGORY}/part-000000-000499.parquet",
                     f"synthetic/run1/{CATEGORY}/part-000500-000999.parquet"]  # no directory markers
     table = read_table(out)
