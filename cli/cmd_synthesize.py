@@ -37,6 +37,8 @@ from f2m_ray_cli.main import cli
               help="Masses per Parquet file (the unit of work and of --resume).")
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Decode batch (part of what fixes the output bytes).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Decode precision: bf16 autocast or fp32; auto = bf16 on GPU, fp32 on CPU. Part of what fixes the bytes.")
 @click.option("--seed-split", type=click.Choice(["all", "train"]), default="all", show_default=True,
               help="Draw seeds from all labeled ROIs (as the paper) or only the training split.")
 @click.option("--workers", type=int, default=None,
@@ -52,15 +54,15 @@ from f2m_ray_cli.main import cli
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in --out, keeping its finished files.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing synthetic dataset in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved run and exit.")
-def synthesize(categories, n, out, model, bank, storage, mixing, k, step, alpha, seed, rows_per_file, batch_size, seed_split,
-               workers, judge, min_label_confidence, min_seed_distance, max_attempts, resume, overwrite,
+def synthesize(categories, n, out, model, bank, storage, mixing, k, step, alpha, seed, rows_per_file, batch_size,
+               seed_split, precision, workers, judge, min_label_confidence, min_seed_distance, max_attempts, resume, overwrite,
                dry_run) -> None:
     """Mix K same-category bank features per mass, decode, and write N masses per category."""
     from f2m_ray.synth import driver as synthesis, plan
 
     config = plan.SynthesisConfig(
         categories=tuple(categories), n=n, out=out, model=model, bank=bank, storage=storage, mixing=mixing, k=k, step=step, alpha=alpha,
-        seed=seed, rows_per_file=rows_per_file, batch_size=batch_size, seed_split=seed_split,
+        seed=seed, rows_per_file=rows_per_file, batch_size=batch_size, seed_split=seed_split, precision=precision,
         workers=workers, resume=resume, overwrite=overwrite, judge=judge,
         min_label_confidence=min_label_confidence, min_seed_distance=min_seed_distance, max_attempts=max_attempts,
     )

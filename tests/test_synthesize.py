@@ -26,7 +26,7 @@ from f2m_ray.data.phantom import generate_phantoms
 from f2m_ray.core.images import to_model_range
 from f2m_ray.data.rows import assign_split
 from f2m_ray.core.images import to_uint8
-from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, png_bytes
+from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, decode_png, png_bytes
 from f2m_ray.synth.driver import synthesize
 from f2m_ray.synth.plan import SynthesisConfig, resolve
 from f2m_ray.synthetic import SyntheticTorchDataset, open_synthetic, read_table
@@ -484,3 +484,40 @@ def test_without_model_or_out_the_newest_finished_run_is_used(model, tmp_path, m
     else:
         with pytest.raises(F2MError, match="no finished run under .*elsewhere and no shipped model"):
             resolve(SynthesisConfig(categories=(CATEGORY,), n=1))
+
+
+# ---------------------------------------------------------------- decode precision (the shipped, trained model)
+
+
+def _images(out) -> np.ndarray:
+    table = by_index(read_table(str(out), ["sample_index", "image"]))
+    return np.stack([decode_png(b) for b in table.column("image").combine_chunks().field("bytes").to_pylist()])
+
+
+def test_bf16_decoding_stays_within_a_grey_level_and_is_its_own_run(tmp_path):
+    import torch
+
+    shipped = dict(categories=(CATEGORY,), n=96, model="pretrained", rows_per_file=96)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        synthesize(SynthesisConfig(out=str(tmp_path / "fp32"), precision="fp32", **shipped), report=None, use_ray=False)
+        synthesize(SynthesisConfig(out=str(tmp_path / "bf16"), precision="bf16", **shipped), report=None, use_ray=False)
+        torch.set_num_threads(2)  # another thread count (as another actor plan): the same bytes
+        synthesize(SynthesisConfig(out=str(tmp_path / "bf16-2"), precision="bf16", **shipped), report=None,
+                   use_ray=False)
+    finally:
+        torch.set_num_threads(previous)
+    fp32, bf16 = _images(tmp_path / "fp32").astype(np.int16), _images(tmp_path / "bf16").astype(np.int16)
+    difference = np.abs(fp32 - bf16)
+    psnr = 10 * np.log10(255.0 ** 2 / np.mean(difference.astype(np.float64) ** 2))
+    assert difference.mean() < 0.25 and difference.max() <= 2 and psnr > 50, (difference.mean(), difference.max(), psnr)
+    assert 0 < (difference > 0).mean() < 0.2  # bf16 really ran: some pixels differ
+    assert np.array_equal(_images(tmp_path / "bf16-2"), bf16)
+    fingerprints = [json.loads((tmp_path / name / "_run.json").read_text())["fingerprint"] for name in ("fp32", "bf16")]
+    assert [f["precision"] for f in fingerprints] == ["fp32", "bf16"]
+    with pytest.raises(F2MError, match="cannot resume in .* it holds another run"):
+        synthesize(SynthesisConfig(out=str(tmp_path / "bf16"), precision="fp32", resume=True, **shipped), report=None,
+                   use_ray=False)
+    with pytest.raises(F2MError, match="--precision must be one of auto, fp32, bf16, got 'fp16'"):
+        resolve(SynthesisConfig(out=str(tmp_path / "x"), precision="fp16", **shipped))

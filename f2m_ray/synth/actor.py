@@ -143,7 +143,8 @@ class ShardSynthesizer:
         # Always a full decode batch (zero-padded): a sample's bytes must not depend on its batch-mates.
         mixed = np.zeros((spec.batch_size, self.bank.feature_dim), dtype=np.float32)  # (B, D)
         mixed[:b] = mix_rows(self.bank.features[rows], weights, self.centroids[category.name], len(pool))
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
+        bf16 = spec.precision == "bf16" or (spec.precision == "auto" and self.device == "cuda")
+        with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=bf16):
             images = self.generator.decode(torch.from_numpy(mixed).to(self.device))  # (B, 1, 64, 64)
         pixels = to_uint8(images.float().cpu().numpy()[:, 0])  # (B, 64, 64) uint8, as stored
         confidence = np.full(b, np.nan, dtype=np.float32)
@@ -315,6 +316,7 @@ class ActorSpec:
     alpha: float
     batch_size: int
     seed_split: str
+    precision: str  # "auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"
     torch_threads: int
     device: str
     judge: str | None
@@ -343,6 +345,7 @@ def actor_spec(run: ResolvedRun, actors: ActorPlan) -> ActorSpec:
         alpha=c.alpha,
         batch_size=c.batch_size,
         seed_split=c.seed_split,
+        precision=c.precision,
         torch_threads=actors.torch_threads,
         device=actors.device,
         judge=run.judge_path,

@@ -25,6 +25,7 @@ RUN_NAME = "_run.json"  # the run's arguments, written first (resume checks them
 RUN_FORMAT = "f2m-ray-synthetic-run"
 MANIFEST_FORMAT = "f2m-ray-synthetic"
 
+PRECISIONS = ("auto", "fp32", "bf16")
 
 @dataclass(frozen=True)
 class SynthesisConfig:
@@ -44,6 +45,7 @@ class SynthesisConfig:
     rows_per_file: int = 10_000  # samples per Parquet file (the unit of work and of resume)
     batch_size: int = 64  # decode batch (fixed: part of what determines the bytes)
     seed_split: str = "all"  # seeds from "all" labeled ROIs or only the "train" split
+    precision: str = "auto"  # decode precision: "fp32", "bf16" (autocast), or "auto" = bf16 on GPU, fp32 on CPU
     workers: int | None = None  # actor pool size; default one per GPU, else one per core
     resume: bool = False  # finish a run in `out`, skipping its finished files
     overwrite: bool = False  # replace an existing synthetic dataset in `out`
@@ -114,6 +116,8 @@ class ResolvedRun:
             "min_label_confidence": c.min_label_confidence,
             "min_seed_distance": c.min_seed_distance,
             "max_attempts": c.max_attempts if self.guarded else None,
+            # Only when chosen: a default run's fingerprint (and --resume of older runs) stays as it was.
+            **({"precision": c.precision} if c.precision != "auto" else {}),
         }
 
     @property
@@ -129,6 +133,7 @@ class ResolvedRun:
             f"out         {c.out}",
             f"mixing      {c.mixing}: {scheme(c.mixing).summary}",
             f"per sample  K={c.k} seeds, weights on a {c.step:g} grid, alpha {c.alpha:g}, run seed {c.seed}",
+            f"precision   {c.precision}" + (" (bf16 on GPU, fp32 on CPU)" if c.precision == "auto" else ""),
             f"files       {len(self.shards)} of up to {c.rows_per_file} rows; decode batch {c.batch_size}",
         ]
         if self.judge_path:
@@ -171,6 +176,8 @@ def with_scheme_defaults(c: SynthesisConfig) -> SynthesisConfig:
 
 
 def _check_numbers(c: SynthesisConfig) -> None:
+    if c.precision not in PRECISIONS:
+        raise F2MError(f"--precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
     if c.n <= 0:
         raise F2MError(f"--n must be a positive number of masses per category, got {c.n}")
     if c.k < 2:
