@@ -206,6 +206,10 @@ def load_feature_bank(path: str, with_images: bool = False) -> FeatureBank:
     dim = feature_column.type.list_size
     features = feature_column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
     roi_id = np.array(table.column("roi_id").to_pylist(), dtype=str)
+    bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if len(bad):
+        raise F2MError(f"feature bank {path} holds non-finite features in {len(bad)} row(s) (e.g. {roi_id[bad[0]]}); "
+                       f"encode it again with `f2m-ray encode`")
     margin = table.column("margin_id").to_numpy().astype(np.int64)
     shape = table.column("shape_id").to_numpy().astype(np.int64)
     images = None

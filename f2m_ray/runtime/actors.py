@@ -6,6 +6,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from f2m_ray.errors import F2MError
+
 
 @dataclass(frozen=True)
 class ActorPlan:
@@ -39,6 +41,10 @@ def plan_actors(work_units: int, workers: int | None = None) -> ActorPlan:
     import ray
 
     resources = ray.cluster_resources()
+    slots = int(resources.get("CPU", 0))
+    if workers is not None and workers > slots:
+        raise F2MError(f"--workers {workers} needs {workers} CPU slots but the Ray cluster has {slots} "
+                       f"(use --workers {slots} or fewer)")
     gpus = int(resources.get("GPU", 0))
     cores = int(resources.get("CPU", 1)) if os.environ.get("RAY_ADDRESS") else local_cores()
     if gpus:

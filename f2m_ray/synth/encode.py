@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from f2m_ray.bank import default_bank_path, write_feature_bank
-from f2m_ray.checkpoint import find_checkpoint, load_generator, read_metadata
+from f2m_ray.checkpoint import find_checkpoint, load_generator
 from f2m_ray.errors import F2MError
 from f2m_ray.runtime.actors import plan_actors, prepare_torch
 from f2m_ray.runtime.env import worker_runtime_env
@@ -80,7 +80,7 @@ def build_feature_bank(
     path = find_checkpoint(checkpoint)
     if not is_remote(path):
         path = os.path.abspath(path)  # the encoder actors may run in another working directory
-    meta = read_metadata(path)
+    meta = load_generator(path)[1]  # the weights too: a corrupt model.pt is one line here, not in an actor
     if val_fraction is None:
         val_fraction = float(meta["preset"].get("train", {}).get("val_fraction", 0.1))
     out = out or default_bank_path(path)

@@ -7,6 +7,8 @@ No Ray here: `--dry-run` and every check that needs no cluster run from this mod
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,6 +28,7 @@ RUN_FORMAT = "f2m-ray-synthetic-run"
 MANIFEST_FORMAT = "f2m-ray-synthetic"
 
 PRECISIONS = ("auto", "fp32", "bf16")
+MAX_MASSES = 10**9  # per category and run: 100,000 files of 10,000 rows
 
 @dataclass(frozen=True)
 class SynthesisConfig:
@@ -180,10 +183,13 @@ def _check_numbers(c: SynthesisConfig) -> None:
         raise F2MError(f"--precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
     if c.n <= 0:
         raise F2MError(f"--n must be a positive number of masses per category, got {c.n}")
+    if c.n > MAX_MASSES:
+        raise F2MError(f"--n {c.n} is more than the {MAX_MASSES:,} masses per category one run makes; "
+                       f"split it into runs with different --seed")
     if c.k < 2:
         raise F2MError(f"--k must be at least 2 (K seeds are mixed per sample), got {c.k}")
-    if c.alpha <= 0:
-        raise F2MError(f"--alpha must be > 0, got {c.alpha}")
+    if not math.isfinite(c.alpha) or c.alpha <= 0:
+        raise F2MError(f"--alpha must be a number > 0, got {c.alpha}")
     if c.seed < 0:
         raise F2MError(f"--seed must be >= 0, got {c.seed}")
     if c.rows_per_file <= 0:
@@ -238,6 +244,9 @@ def probe_storage(path: str, what: str) -> None:
     except Exception as err:  # botocore's connection errors are not OSErrors
         from f2m_ray.storage import s3_endpoint
 
+        if type(err).__name__ == "NoCredentialsError":  # botocore looks for keys before it connects
+            raise F2MError(f"{what} {path}: no S3 credentials found (set AWS_ACCESS_KEY_ID and "
+                           f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)") from None
         endpoint = s3_endpoint() or "the default AWS endpoint"
         raise F2MError(f"{what} {path}: cannot reach S3 at {endpoint} ({first_line(err)})") from None
 
@@ -278,7 +287,7 @@ def shard_name(category: str, start: int, stop: int, n: int) -> str:
 
 def resolve(config: SynthesisConfig) -> ResolvedRun:
     """Validate a run without starting Ray: paths, model, bank, categories, shards."""
-    from f2m_ray.checkpoint import find_checkpoint, read_metadata
+    from f2m_ray.checkpoint import find_checkpoint, load_generator
 
     from f2m_ray.checkpoint import default_model
     from f2m_ray.pretrained import named_model
@@ -293,6 +302,8 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
         choice = default_model(c.storage)  # the newest finished run, else the shipped model
         model, model_source = choice.checkpoint, choice.why
     checkpoint = absolute(find_checkpoint(model)) if model else None
+    # The model first (its weights too: a corrupt model.pt is one line here, not in an actor), then its bank.
+    meta = load_generator(checkpoint)[1] if checkpoint else None
     bank_path = absolute(c.bank or default_bank_path(checkpoint))
     bank = load_feature_bank(bank_path)
     if checkpoint is None:
@@ -302,7 +313,7 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
         checkpoint = named_model(checkpoint)
         probe_storage(checkpoint, "model")
         checkpoint = absolute(find_checkpoint(checkpoint))
-    meta = read_metadata(checkpoint)
+        meta = load_generator(checkpoint)[1]
     if meta.get("vocabulary") != bank.vocabulary:
         raise F2MError(f"the model {checkpoint} and the bank {bank_path} use different BI-RADS vocabularies")
     if meta["model_id"] != bank.model_id:
@@ -348,15 +359,15 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
 
 
 def _judge(path: str, model_size: int) -> tuple[str, str]:
-    """(absolute path, judge id) of a judge that reads the model's image size."""
-    from f2m_ray.evaluation.judge import read_judge_metadata
+    """(absolute path, judge id) of a judge whose weights load and that reads the model's image size."""
+    from f2m_ray.evaluation.judge import load_judge
 
     judge_path = absolute(path)
-    judge_meta = read_judge_metadata(judge_path)  # format and vocabulary checked
-    judge_size = int(judge_meta.get("config", {}).get("image_size", 64))
+    judge = load_judge(judge_path)  # format, vocabulary and weights checked: a broken judge is one line here
+    judge_size = int(judge.config.image_size)
     if judge_size != model_size:
         raise F2MError(f"the judge {path} reads {judge_size}x{judge_size} images, the model makes {model_size}x{model_size}")
-    return judge_path, str(judge_meta.get("judge_id", ""))
+    return judge_path, judge.judge_id
 
 
 def _few_seeds_notes(plans: list[CategoryPlan], k: int, seed_split: str) -> list[str]:
