@@ -103,6 +103,8 @@ CASES = [
     ("alpha-nan", SYN + ["--alpha", "nan", "--out", "done", "--overwrite"], "--alpha must be a number > 0, got nan"),
     ("rows-per-file-zero", SYN + ["--rows-per-file", "0", "--out", "done", "--overwrite"], "--rows-per-file must be positive"),
     ("workers-zero", SYN + ["--workers", "0", "--out", "done", "--overwrite"], "--workers must be positive"),
+    ("workers-beyond-the-cluster", SYN + ["--workers", "1000", "--out", "done", "--overwrite"],
+     "--workers 1000 needs 1000 CPU slots"),
     ("precision-unknown", SYN + ["--precision", "fp8", "--out", "done"], "'fp8' is not one of"),
     ("category-unknown", ["synthesize", "--category", "nope", "--n", "5", "--model", "pretrained", "--out", "done"],
      "unknown category 'nope'"),

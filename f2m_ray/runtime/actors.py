@@ -31,6 +31,20 @@ def local_cores() -> int:
         return os.cpu_count() or 1
 
 
+def check_workers(workers: int | None, resources: dict[str, float] | None = None) -> None:
+    """Refuse (one line) an actor count the cluster cannot hold, instead of waiting for it forever."""
+    if workers is None:
+        return
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
+    slots = int(resources.get("CPU", 0))
+    if workers > slots:
+        raise F2MError(f"--workers {workers} needs {workers} CPU slots but the Ray cluster has {slots} "
+                       f"(use --workers {slots} or fewer)")
+
+
 def plan_actors(work_units: int, workers: int | None = None) -> ActorPlan:
     """Actor pool for `work_units` independent units: one per GPU, else cores split evenly.
 
@@ -41,10 +55,7 @@ def plan_actors(work_units: int, workers: int | None = None) -> ActorPlan:
     import ray
 
     resources = ray.cluster_resources()
-    slots = int(resources.get("CPU", 0))
-    if workers is not None and workers > slots:
-        raise F2MError(f"--workers {workers} needs {workers} CPU slots but the Ray cluster has {slots} "
-                       f"(use --workers {slots} or fewer)")
+    check_workers(workers, resources)
     gpus = int(resources.get("GPU", 0))
     cores = int(resources.get("CPU", 1)) if os.environ.get("RAY_ADDRESS") else local_cores()
     if gpus:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from f2m_ray.errors import F2MError
-from f2m_ray.runtime.actors import ActorPlan, local_cores, plan_actors
+from f2m_ray.runtime.actors import ActorPlan, check_workers, local_cores, plan_actors
 from f2m_ray.runtime.console import quiet_ray_data
 from f2m_ray.runtime.env import worker_runtime_env
 from f2m_ray.runtime.errors import worker_error
@@ -183,6 +183,11 @@ def synthesize(
     """
     report = report or (lambda line: None)
     run = resolve(config)
+    if use_ray and config.workers is not None:  # before --overwrite touches anything
+        from f2m_ray.runtime.cluster import ensure_ray
+
+        ensure_ray()
+        check_workers(config.workers)
     finished = prepare_output(run)
     report(f"model: {run.checkpoint} (id {run.model_id}; {run.model_source})")
     for note in run.notes:
