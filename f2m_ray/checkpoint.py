@@ -137,8 +137,9 @@ def read_torch(fs, path: str, what: str, mmap: bool = False) -> Any:
 
     ``mmap=True`` memory-maps a local file: tensors are read from disk only when touched.
     """
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     try:
-        if mmap and not is_remote(path):
+        if mmap and "file" in protocols:  # `path` is the path within `fs`: no s3:// to tell a remote one by
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         with fs.open(path, "rb") as f:
             data = f.read()
@@ -365,7 +366,6 @@ def default_model(storage: str | None = None) -> ModelChoice:
 
 def model_card(checkpoint: str) -> str | None:
     """The MODEL_CARD.md in a checkpoint directory or its run folder, if there is one."""
-    from f2m_ray.storage import filesystem, is_remote, join
     if is_remote(checkpoint):
         candidates = [join(checkpoint, MODEL_CARD)]
     else:

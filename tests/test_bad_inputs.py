@@ -1,8 +1,8 @@
 """A corpus of bad inputs, one table: every one is refused in at most 3 lines on stderr, naming its cause,
 with a non-zero exit and no traceback, and a finished dataset in --out is left byte for byte as it was.
 
-Each case runs the real command line in its own process, from a working directory holding the
-artifacts below (relative paths, as a user types them).
+Each case runs the real command line (in this process, through click's runner) from a working
+directory holding the artifacts below (relative paths, as a user types them).
 """
 
 from __future__ import annotations
@@ -141,14 +141,24 @@ CASES = [
 
 
 @pytest.mark.parametrize("args,cause", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_a_bad_input_is_refused_in_one_clear_line(workdir, args, cause):
+def test_a_bad_input_is_refused_in_one_clear_line(workdir, args, cause, monkeypatch):
+    """The real command line, in this process (as `main()` runs it, minus the interpreter start)."""
+    from click.testing import CliRunner
+
+    from f2m_ray_cli.main import _register, cli
+
     before = _tree_digest(workdir / "done")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-    result = subprocess.run([sys.executable, "-m", "f2m_ray_cli", *args], cwd=workdir, env=env, capture_output=True,
-                            text=True, timeout=120)
+    monkeypatch.chdir(workdir)
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    _register()
+    result = CliRunner().invoke(cli, args)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode != 0, result.stdout
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.stderr and 1 <= len(lines) <= 3, result.stderr
     assert cause in result.stderr, result.stderr
     assert _tree_digest(workdir / "done") == before
@@ -158,3 +168,36 @@ def test_the_corpus_is_large_and_reaches_every_command():
     commands = {c[1][0] for c in CASES}
     assert len(CASES) >= 30
     assert commands >= {"synthesize", "train", "data", "judge", "evaluate", "inspect", "interpolate", "encode"}
+
+
+# ---------------------------------------------------------------- secrets stay secret
+
+
+@pytest.mark.s3
+def test_the_secret_key_is_written_nowhere(s3_bucket, tmp_path):
+    """Train to S3 and synthesize from it (to S3 and to a local folder) with a sentinel secret key:
+    neither the console nor any object or file the runs wrote holds it."""
+    import s3fs
+
+    sentinel = "SENTINEL-5ecret-" + os.urandom(6).hex()
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": sentinel}
+    runs = f"{s3_bucket}/runs"
+    steps = [
+        ["train", "--preset", "tiny", "--data", "phantom:100", "--epochs", "1", "--storage", runs, "--name", "secret"],
+        ["synthesize", "--storage", runs, "--category", CATEGORY, "--n", "20", "--out", f"{s3_bucket}/syn"],
+        ["synthesize", "--model", f"{runs}/secret", "--category", CATEGORY, "--n", "20", "--out", "local"],
+    ]
+    console = ""
+    for args in steps:
+        result = subprocess.run([sys.executable, "-m", "f2m_ray_cli", *args], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        console += result.stdout + result.stderr
+    assert sentinel not in console
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    objects = fs.find(s3_bucket[5:])
+    names = {o.rsplit("/", 1)[-1] for o in objects}
+    assert {"metrics.jsonl", "f2m_checkpoint.json", "model.pt", "_run.json", "_manifest.json", "README.md"} <= names
+    assert [o for o in objects if sentinel.encode() in fs.cat_file(o)] == []
+    local = [p for p in (tmp_path / "local").rglob("*") if p.is_file()]
+    assert len(local) >= 4 and [p for p in local if sentinel.encode() in p.read_bytes()] == []

@@ -357,3 +357,32 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_says_so(tmp_path):
     assert [e["event"] for e in events] == ["start", "restart"]
     assert (events[1]["lost_at_epoch"], events[1]["from_epoch"], events[1]["restarts_used"]) == (lost_at, resumed_from, 1)
     assert "epoch    6/6" in output and "core_worker.cc" not in output, output
+
+
+@pytest.mark.ray
+def test_a_run_that_loses_more_workers_than_allowed_stops_in_one_line_naming_its_checkpoint(tmp_path):
+    import os
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "f2m_ray_cli", "train", "--preset", "tiny", "--data", "phantom:200",
+               "--epochs", "8", "--checkpoint-every", "1", "--max-failures", "0", "--storage", "runs",
+               "--name", "fragile", "--no-bank"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = str(tmp_path / "runs" / "fragile")
+    try:
+        deadline = time.time() + 240
+        while not any(r["epoch"] >= 2 for r in read_metrics(run_dir)):
+            assert proc.poll() is None and time.time() < deadline, "training ended or stalled before epoch 2"
+            time.sleep(0.1)
+        workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in _command_line(p)]
+        os.kill(workers[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    assert len(errors) == 1 and "training failed after 0 of 0 restarts" in errors[0], stderr
+    assert f"the last checkpoint is {run_dir}/checkpoint_epoch_00000" in errors[0]
+    assert errors[0].endswith("the same command resumes from it")
