@@ -26,11 +26,12 @@ from typing import Any
 import torch
 
 from f2m_ray import __version__
+from f2m_ray.bank import default_bank_path
 from f2m_ray.config import Preset
 from f2m_ray.errors import F2MError
 from f2m_ray.labels import check_vocabulary, vocabulary
 from f2m_ray.core.networks import Discriminator, Generator, build_networks
-from f2m_ray.pretrained import BANK_FILE, MODEL_CARD, SHIPPED_MODEL, default_storage, named_model, shipped_model
+from f2m_ray.pretrained import MODEL_CARD, SHIPPED_MODEL, default_storage, named_model, shipped_model
 from f2m_ray.storage import filesystem, is_remote, join
 
 FORMAT = "f2m-ray-checkpoint"
@@ -344,7 +345,7 @@ def newest_run(storage: str) -> str | None:
             checkpoint = find_checkpoint(run)
         except F2MError:
             continue  # not a run folder, or a run with no checkpoint yet
-        bank = join(checkpoint, BANK_FILE)
+        bank = default_bank_path(checkpoint)
         bank_inner = filesystem(bank)[1]
         if fs.exists(bank_inner):
             found.append((_modified(fs, bank_inner), checkpoint))

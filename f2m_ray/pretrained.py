@@ -25,7 +25,6 @@ PRETRAINED_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pret
 SHIPPED_MODEL = "small-phantom"
 MODEL_CARD = "MODEL_CARD.md"
 PRETRAINED_PREFIX = "pretrained"  # `--model pretrained` or `--model pretrained:NAME`
-BANK_FILE = "feature_bank.parquet"  # as f2m_ray.bank.BANK_FILE (that module imports Ray)
 
 
 def default_storage(storage: str | None = None) -> str:
@@ -33,6 +32,8 @@ def default_storage(storage: str | None = None) -> str:
 
 
 def shipped_models() -> list[str]:
+    from f2m_ray.bank import BANK_FILE  # pulls pyarrow: not at import time
+
     if not os.path.isdir(PRETRAINED_ROOT):
         return []
     return sorted(n for n in os.listdir(PRETRAINED_ROOT) if os.path.isfile(os.path.join(PRETRAINED_ROOT, n, BANK_FILE)))
@@ -40,8 +41,10 @@ def shipped_models() -> list[str]:
 
 def shipped_model(name: str = SHIPPED_MODEL) -> str:
     """The directory of a model shipped in the package."""
+    from f2m_ray.bank import default_bank_path  # pulls pyarrow: not at import time
+
     path = os.path.join(PRETRAINED_ROOT, name)
-    if not os.path.isfile(os.path.join(path, BANK_FILE)):
+    if not os.path.isfile(default_bank_path(path)):
         have = shipped_models()
         raise F2MError(f"no shipped model {name!r} in this installation"
                        + (f" (shipped: {', '.join(have)})" if have else " (it ships none: train one with `f2m-ray train`)"))

@@ -14,7 +14,7 @@ RAY_ALLOWED = ("runtime", "data", "train", "synth", "evaluation")
 # Rank of each room: a module imports only modules of its own rank or below (README "The package").
 RANK = {
     "errors": 0, "labels": 1, "config": 2, "core": 3,
-    "storage": 4, "schema": 5, "dataset_card": 5, "pretrained": 5, "checkpoint": 6, "bank": 6,
+    "storage": 4, "schema": 5, "dataset_card": 5, "pretrained": 6, "checkpoint": 6, "bank": 6,
     "runtime": 7, "data": 8, "synthetic": 9, "evaluation": 10, "synth": 11, "train": 12,
 }
 

@@ -323,17 +323,17 @@ def _command_line(pid: int) -> str:
         return ""
 
 
-@pytest.mark.ray
-def test_a_killed_worker_restarts_from_its_checkpoint_and_says_so(tmp_path):
+def _train_and_kill_a_worker(tmp_path, name: str, *flags: str) -> tuple[subprocess.Popen, str, str]:
+    """`f2m-ray train` (tiny, checkpoint every epoch) in its own process; SIGKILL one of its two Ray Train
+    workers once epoch 2 is logged. Returns the ended process, its stdout and its stderr."""
     import os
-    import re
     import signal
     import time
 
     command = [sys.executable, "-m", "f2m_ray_cli", "train", "--preset", "tiny", "--data", "phantom:200",
-               "--epochs", "6", "--checkpoint-every", "1", "--storage", "runs", "--name", "lost", "--no-bank"]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run_dir = str(tmp_path / "runs" / "lost")
+               "--checkpoint-every", "1", "--storage", "runs", "--name", name, "--no-bank", *flags]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = str(tmp_path / "runs" / name)
     try:
         deadline = time.time() + 240
         while not any(r["epoch"] >= 2 for r in read_metrics(run_dir)):
@@ -342,11 +342,20 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_says_so(tmp_path):
         workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in _command_line(p)]
         assert len(workers) == 2, [_command_line(p) for p in _descendants(proc.pid)]
         os.kill(workers[1], signal.SIGKILL)
-        output, _ = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, output
+    return proc, stdout, stderr
+
+
+@pytest.mark.ray
+def test_a_killed_worker_restarts_from_its_checkpoint_and_says_so(tmp_path):
+    import re
+
+    proc, output, stderr = _train_and_kill_a_worker(tmp_path, "lost", "--epochs", "6")
+    run_dir = str(tmp_path / "runs" / "lost")
+    assert proc.returncode == 0, output + stderr
     restart = re.findall(r"^worker lost at epoch (\d+): restarting from checkpoint epoch (\d+), 1 of 2 restarts used$",
                          output, flags=re.M)
     assert len(restart) == 1, output
@@ -356,31 +365,13 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_says_so(tmp_path):
     events = [r for r in read_metrics(run_dir, events=True) if "event" in r]
     assert [e["event"] for e in events] == ["start", "restart"]
     assert (events[1]["lost_at_epoch"], events[1]["from_epoch"], events[1]["restarts_used"]) == (lost_at, resumed_from, 1)
-    assert "epoch    6/6" in output and "core_worker.cc" not in output, output
+    assert "epoch    6/6" in output and "core_worker.cc" not in output + stderr, output + stderr
 
 
 @pytest.mark.ray
 def test_a_run_that_loses_more_workers_than_allowed_stops_in_one_line_naming_its_checkpoint(tmp_path):
-    import os
-    import signal
-    import time
-
-    command = [sys.executable, "-m", "f2m_ray_cli", "train", "--preset", "tiny", "--data", "phantom:200",
-               "--epochs", "8", "--checkpoint-every", "1", "--max-failures", "0", "--storage", "runs",
-               "--name", "fragile", "--no-bank"]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, _, stderr = _train_and_kill_a_worker(tmp_path, "fragile", "--epochs", "8", "--max-failures", "0")
     run_dir = str(tmp_path / "runs" / "fragile")
-    try:
-        deadline = time.time() + 240
-        while not any(r["epoch"] >= 2 for r in read_metrics(run_dir)):
-            assert proc.poll() is None and time.time() < deadline, "training ended or stalled before epoch 2"
-            time.sleep(0.1)
-        workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in _command_line(p)]
-        os.kill(workers[0], signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
     assert proc.returncode == 1 and "Traceback" not in stderr, stderr
     assert len(errors) == 1 and "training failed after 0 of 0 restarts" in errors[0], stderr
