@@ -18,6 +18,7 @@ from f2m_ray.bank import FeatureBank, load_feature_bank
 from f2m_ray.labels import Category, parse_category
 from f2m_ray.core.mixing import mix_rows, scheme
 from f2m_ray.core.images import to_uint8
+from f2m_ray.core.inference import inference_decoder
 from f2m_ray.schema import SYNTHETIC_SCHEMA, image_column, png_bytes, synthetic_metadata, write_table
 from f2m_ray.storage import join
 from f2m_ray.runtime.actors import ActorPlan, prepare_torch
@@ -38,9 +39,10 @@ class ShardSynthesizer:
         self.spec = spec
         prepare_torch(spec.torch_threads, spec.device)
         self.device = spec.device
-        self.generator, meta = load_generator(spec.checkpoint, self.device)
+        generator, meta = load_generator(spec.checkpoint, self.device)
         if meta["model_id"] != spec.model_id:
             raise F2MError(f"the checkpoint {spec.checkpoint} changed during the run")
+        self.decoder = inference_decoder(generator.decoder).to(self.device)  # the decoder alone, BatchNorm folded
         self.bank = load_feature_bank(spec.bank, with_images=True)
         if self.bank.bank_id != spec.bank_id:
             raise F2MError(f"the feature bank {spec.bank} changed during the run")
@@ -145,7 +147,7 @@ class ShardSynthesizer:
         mixed[:b] = mix_rows(self.bank.features[rows], weights, self.centroids[category.name], len(pool))
         bf16 = spec.precision == "bf16" or (spec.precision == "auto" and self.device == "cuda")
         with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=bf16):
-            images = self.generator.decode(torch.from_numpy(mixed).to(self.device))  # (B, 1, 64, 64)
+            images = self.decoder(torch.from_numpy(mixed).to(self.device))  # (B, 1, 64, 64)
         pixels = to_uint8(images.float().cpu().numpy()[:, 0])  # (B, 64, 64) uint8, as stored
         confidence = np.full(b, np.nan, dtype=np.float32)
         if self.judge is not None:  # scores the stored 8-bit image, as a reader of the PNG gets it
