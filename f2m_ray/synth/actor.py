@@ -19,6 +19,7 @@ from f2m_ray.labels import Category, parse_category
 from f2m_ray.core.mixing import mix_rows, scheme
 from f2m_ray.core.images import to_uint8
 from f2m_ray.core.inference import inference_decoder
+from f2m_ray.core.nearest import NearestImage
 from f2m_ray.schema import SYNTHETIC_SCHEMA, image_column, png_bytes, synthetic_metadata, write_table
 from f2m_ray.storage import join
 from f2m_ray.runtime.actors import ActorPlan, prepare_torch
@@ -62,7 +63,7 @@ class ShardSynthesizer:
             self.centroids[name] = pool_centroid(self.bank.features, pool) if variance_preserving else None
         # nearest_seed_distance: to every real ROI of the seed split, of any category (a mass may
         # come closest to a patient's ROI of another category), as evaluate's memorization measures.
-        self.seed_pixels = SeedPixels.of(self.bank, self.bank.seed_rows(spec.seed_split))
+        self.seed_pixels = seed_images(self.bank, self.bank.seed_rows(spec.seed_split))
         self.metadata_base = {
             "tool_version": __version__,
             "model_id": spec.model_id,
@@ -156,7 +157,7 @@ class ShardSynthesizer:
             "rows": rows,
             "weights": weights,
             "pixels": pixels[:b],
-            "distance": self.seed_pixels.nearest(pixels[:b]),
+            "distance": self.seed_pixels.rms(pixels[:b]),
             "confidence": confidence,
         }
 
@@ -228,43 +229,17 @@ def pool_centroid(features: np.ndarray, pool: np.ndarray) -> np.ndarray:
     return np.add.reduce(features[pool].astype(np.float64), axis=0) / len(pool)
 
 
-@dataclass(frozen=True)
-class SeedPixels:
-    """The seed split's real images (8-bit, every category), for the RMS pixel distance to the nearest one.
+def seed_images(bank: FeatureBank, rows: np.ndarray) -> NearestImage:
+    """The seed split's real images (8-bit, every category), for the distance to the nearest one.
 
-    Pixels are whole numbers 0..255 held in float64, so every dot product below is an exact
-    integer (4096 * 255**2 is far below 2**53) whatever the summation order: the distance, and
-    with it a guard's verdict, is the same on any machine, thread count or batch. The product
-    runs in torch, on the actor's torch threads: numpy's BLAS would start a second thread pool
-    whose idle spinning slows the decoder down by a fifth on 2 cores.
+    `NearestImage.rms` is the measure of `metrics.nearest_rms_pixel_distances` on images in
+    f2m-ray's [-1, 1] range (0 for an exact copy), computed exactly on the stored 8-bit pixels,
+    so a guard's verdict is the same on any machine, thread count or batch. The seed split is
+    never empty (`resolve` refuses that).
     """
+    from f2m_ray.schema import decode_png
 
-    seeds_t: Any  # torch (H*W, T) float64, whole numbers 0..255
-    norms: Any  # torch (T,) squared L2 norms (exact)
-
-    @classmethod
-    def of(cls, bank: FeatureBank, rows: np.ndarray) -> "SeedPixels":
-        import torch
-
-        from f2m_ray.schema import decode_png
-
-        images = np.stack([decode_png(bank.images[r]) for r in rows]).reshape(len(rows), -1).astype(np.float64)
-        seeds = torch.from_numpy(images)
-        return cls(seeds.T.contiguous(), (seeds * seeds).sum(dim=1))
-
-    def nearest(self, pixels: np.ndarray) -> np.ndarray:
-        """(b, H, W) uint8 images -> (b,) float32 RMS difference to the nearest seed-split ROI, in [-1, 1] units.
-
-        The same measure as `metrics.nearest_rms_pixel_distances` on images in f2m-ray's
-        [-1, 1] range (0 for an exact copy). The seed split is never empty (`resolve` refuses that).
-        """
-        import torch
-
-        b = len(pixels)
-        x = torch.from_numpy(pixels.reshape(b, -1).astype(np.float64))
-        squared = (x * x).sum(dim=1)[:, None] - 2.0 * (x @ self.seeds_t) + self.norms[None, :]  # exact integers
-        nearest = squared.min(dim=1).values.clamp(min=0.0).numpy()
-        return (np.sqrt(nearest / x.shape[1]) / 127.5).astype(np.float32)  # 8-bit -> [-1, 1] units
+    return NearestImage(np.stack([decode_png(bank.images[r]) for r in rows]))
 
 
 GUARD_KEYS = ("candidates", "rejected", "unmet")
