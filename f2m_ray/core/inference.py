@@ -12,8 +12,8 @@ Why each change (paper preset, one CPU thread, batch 64, benchmarks/synthesis_th
   weights and bias it costs nothing instead of a pass over every activation.
 - A transposed conv on a 1x1 or 2x2 input is a small dense linear map. As a convolution most
   of its taps fall outside the image (12 of 16 on the 1x1 input) and oneDNN runs it at a tenth
-  of the machine's matmul rate; as one matrix, built here by pushing the identity through the
-  folded conv (so it is exactly the same map), it is one GEMM.
+  of the machine's matmul rate; as one matrix (each tap's weights placed where it lands), it is
+  one GEMM.
 - The 8x8..64x64 layers run in channels_last, where oneDNN's transposed convolutions reach
   ~90% of the machine's fp32 matmul peak on AVX2 (against ~60% in NCHW on the 64- and
   32-channel layers), and the last 32 -> 1 conv runs 2.7x faster.
@@ -25,6 +25,8 @@ of this module (the tool version is part of a synthesis run's identity).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
@@ -54,12 +56,16 @@ class _Dense(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, conv: nn.ConvTranspose2d, size: int):
         super().__init__()
-        c_in, c_out = weight.shape[:2]
+        c_in, c_out, k = weight.shape[0], weight.shape[1], weight.shape[2]
         self.out_channels, self.out_size = c_out, _output_size(size, conv)
-        basis = torch.eye(c_in * size * size).view(-1, c_in, size, size)  # one input pixel-channel at a time
-        with torch.no_grad():
-            columns = F.conv_transpose2d(basis, weight, None, conv.stride, conv.padding, conv.output_padding)
-        self.register_buffer("matrix", columns.reshape(c_in * size * size, -1).contiguous())  # (C_in*s*s, C_out*o*o)
+        stride, pad = conv.stride[0], conv.padding[0]
+        # Input pixel (iy, ix) reaches output pixel (iy * stride - pad + ky, ix * stride - pad + kx) through tap (ky, kx).
+        matrix = torch.zeros(c_in, size, size, c_out, self.out_size, self.out_size)
+        for iy, ix, ky, kx in itertools.product(range(size), range(size), range(k), range(k)):
+            oy, ox = iy * stride - pad + ky, ix * stride - pad + kx
+            if 0 <= oy < self.out_size and 0 <= ox < self.out_size:
+                matrix[:, iy, ix, :, oy, ox] = weight[:, :, ky, kx]
+        self.register_buffer("matrix", matrix.reshape(c_in * size * size, -1))  # (C_in*s*s, C_out*o*o)
         self.register_buffer("bias", bias.repeat_interleave(self.out_size * self.out_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
