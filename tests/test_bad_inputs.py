@@ -105,6 +105,8 @@ CASES = [
     ("workers-zero", SYN + ["--workers", "0", "--out", "done", "--overwrite"], "--workers must be positive"),
     ("workers-beyond-the-cluster", SYN + ["--workers", "1000", "--out", "done", "--overwrite"],
      "--workers 1000 needs 1000 CPU slots"),
+    ("workers-in-process", SYN + ["--workers", "2", "--executor", "in-process", "--out", "done", "--overwrite"],
+     "--workers sizes a Ray actor pool"),
     ("precision-unknown", SYN + ["--precision", "fp8", "--out", "done"], "'fp8' is not one of"),
     ("category-unknown", ["synthesize", "--category", "nope", "--n", "5", "--model", "pretrained", "--out", "done"],
      "unknown category 'nope'"),

@@ -421,6 +421,41 @@ def test_dry_run_prints_the_resolved_run(model, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+# ---------------------------------------------------------------- where the work runs
+
+
+def test_auto_runs_short_work_in_this_process_and_long_work_on_ray(model, tmp_path, monkeypatch, ray_local):
+    from f2m_ray.synth import driver
+
+    _register()
+    args = ["synthesize", "--category", CATEGORY, "--n", "300", "--rows-per-file", "150", "--model", model]
+    short = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "short")])
+    assert short.exit_code == 0, short.output
+    assert "masses in 2 files in this process on cpu (about 1 s of work: less than starting Ray" in short.stderr
+    assert "actor(s)" not in short.stderr
+    monkeypatch.setattr(driver, "IN_PROCESS_MAX_SECONDS", 0.0)  # any work is now longer than Ray's start-up
+    long = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "long")])
+    assert long.exit_code == 0, long.output
+    assert "synthesizing 300 masses in 2 files with 2 actor(s)" in long.stderr and "in this process" not in long.stderr
+    forced = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "forced"), "--executor", "in-process"])
+    assert forced.exit_code == 0 and "in this process on cpu\n" in forced.stderr  # no reason: it was asked for
+    tables = [by_index(read_table(str(tmp_path / name))) for name in ("short", "long", "forced")]
+    assert tables[0].column("image").to_pylist() == tables[1].column("image").to_pylist()
+    assert tables[0].column("image").to_pylist() == tables[2].column("image").to_pylist()
+
+
+def test_a_named_cluster_or_an_actor_count_means_ray_without_a_trial(model, tmp_path, monkeypatch):
+    from f2m_ray.synth import driver
+
+    run = resolve(config(model, tmp_path / "x", n=10, rows_per_file=10))
+    built = []
+    monkeypatch.setattr(driver, "_in_process_synthesizer", lambda run: built.append(run))
+    assert driver.choose_executor(resolve(config(model, tmp_path / "x", workers=1)), list(run.shards))[:2] == (True, None)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert driver.choose_executor(run, list(run.shards)) == (True, None, "the Ray cluster in RAY_ADDRESS")
+    assert built == []
+
+
 # ---------------------------------------------------------------- the dataset card, defaults
 
 

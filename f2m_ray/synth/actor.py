@@ -7,6 +7,7 @@ built from an `ActorSpec` of plain values and paths, so a restarted actor rebuil
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from f2m_ray.core.nearest import NearestImage
 from f2m_ray.schema import SYNTHETIC_SCHEMA, image_column, png_bytes, synthetic_metadata, write_table
 from f2m_ray.storage import join
 from f2m_ray.runtime.actors import ActorPlan, prepare_torch
-from f2m_ray.synth.plan import ResolvedRun, absolute
+from f2m_ray.synth.plan import ResolvedRun, Shard, absolute
 
 
 ROW_GROUP_ROWS = 1000  # ~4 MB of PNGs per row group: readers can stream a file
@@ -96,6 +97,16 @@ class ShardSynthesizer:
         table = self._table(category, start, stop, columns, guard)
         size = write_table(table, join(spec.out, relative_path), row_group_size=ROW_GROUP_ROWS)
         yield _record(category_name, start, stop, stop - start - reported, relative_path, size, guard)
+
+    def estimate_seconds(self, shard: Shard, rows: int) -> float:
+        """Seconds this synthesizer would take for `rows` masses: one decode batch of `shard` timed after a warm-up."""
+        category = parse_category(shard.category)
+        pool = self.pools[category.name]
+        indices = np.arange(shard.start, min(shard.stop, shard.start + self.spec.batch_size))
+        self._candidates(category, pool, indices, 0)  # first-call allocations and kernel choices
+        start = time.perf_counter()
+        self._candidates(category, pool, indices, 0)
+        return (time.perf_counter() - start) * rows / len(indices)
 
     def _decode_batch(self, category: Category, pool: np.ndarray, begin: int, end: int, columns: dict[str, list]) -> None:
         """Samples [begin, end): candidate 0 for each, then further sub-seeds for those a guard rejects."""

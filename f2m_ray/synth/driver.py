@@ -26,6 +26,7 @@ written first and ``_manifest.json`` last: a dataset without a manifest is unfin
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -155,35 +156,67 @@ def _run_on_ray(run: ResolvedRun, todo: list[Shard], progress: _Progress) -> Non
         ) from None
 
 
-def _run_in_process(run: ResolvedRun, todo: list[Shard], progress: _Progress) -> None:
-    """The same work in this process, shard after shard (small runs, tests, benchmarks)."""
+def _in_process_synthesizer(run: ResolvedRun) -> ShardSynthesizer:
+    """The actor, built in this process with every core's torch threads (and the GPU if there is one)."""
     import torch
 
+    actors = ActorPlan(actors=1, torch_threads=local_cores(), num_cpus=0, num_gpus=1 if torch.cuda.is_available() else 0)
+    return ShardSynthesizer(actor_spec(run, actors))
 
-    gpu = torch.cuda.is_available()
-    actors = ActorPlan(actors=1, torch_threads=local_cores(), num_cpus=0, num_gpus=1 if gpu else 0)
+
+def _run_in_process(run: ResolvedRun, todo: list[Shard], progress: _Progress,
+                    synthesizer: ShardSynthesizer | None = None, why: str = "") -> None:
+    """The same work in this process, shard after shard (small runs, tests, benchmarks)."""
+    synthesizer = synthesizer or _in_process_synthesizer(run)
     progress.report(
-        f"synthesizing {sum(s.rows for s in todo)} masses in {len(todo)} files in this process on {actors.device}"
+        f"synthesizing {sum(s.rows for s in todo)} masses in {len(todo)} files in this process on "
+        f"{synthesizer.device}" + (f" ({why})" if why else "")
     )
-    synthesizer = ShardSynthesizer(actor_spec(run, actors))
     for shard in todo:
         for record in synthesizer.synthesize_shard(shard.category, shard.start, shard.stop, shard.path):
             progress.add(record)
+
+
+IN_PROCESS_MAX_SECONDS = 30.0  # "auto" runs work this short in this process (see choose_executor)
+
+
+def choose_executor(run: ResolvedRun, todo: list[Shard]) -> tuple[bool, ShardSynthesizer | None, str]:
+    """For ``--executor auto``: (use Ray?, the in-process synthesizer if it was built, why).
+
+    Starting Ray and its actor processes costs about 10 s on a 2-core laptop (4 s for Ray, 6 s
+    for two actors to boot Python, Ray's worker and torch), after which two single-threaded
+    actors run 1.2-1.4x faster than one process with two threads
+    (benchmarks/synthesis_throughput.py). So work of up to about 30 s runs sooner here. The
+    estimate times one decode batch of the run's first shard on this machine, after a warm-up
+    batch, with the actor code itself. A cluster named by RAY_ADDRESS, or --workers, means Ray.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return True, None, "the Ray cluster in RAY_ADDRESS"
+    if run.config.workers is not None:
+        return True, None, "--workers sizes a Ray actor pool"
+    synthesizer = _in_process_synthesizer(run)
+    seconds = synthesizer.estimate_seconds(todo[0], sum(s.rows for s in todo))
+    if seconds <= IN_PROCESS_MAX_SECONDS:
+        return False, synthesizer, f"about {max(1.0, seconds):.0f} s of work: less than starting Ray would take"
+    return True, None, f"about {seconds:.0f} s of work in one process: Ray's actors share it"
 
 
 def synthesize(
     config: SynthesisConfig,
     report: Callable[[str], None] | None = _stderr,
     on_file: Callable[[dict[str, Any]], None] | None = None,
-    use_ray: bool = True,
+    use_ray: bool | None = None,
 ) -> SynthesisSummary:
     """Run the synthesis; `report` gets human progress lines, `on_file` each finished file.
 
-    ``use_ray=False`` runs the same actor code in this process, one shard after another.
+    Where the shards run follows ``config.executor`` (``choose_executor`` for "auto");
+    ``use_ray`` True or False overrides it. The bytes are the same either way.
     """
     report = report or (lambda line: None)
     run = resolve(config)
-    if use_ray and config.workers is not None:  # before --overwrite touches anything
+    if use_ray is None and run.config.executor != "auto":
+        use_ray = run.config.executor == "ray"
+    if use_ray is not False and config.workers is not None:  # before --overwrite touches anything
         from f2m_ray.runtime.cluster import ensure_ray
 
         ensure_ray()
@@ -203,7 +236,13 @@ def synthesize(
     todo = [s for s in run.shards if s.path not in finished]
     progress = _Progress(run, files, report, on_file)
     if todo:
-        (_run_on_ray if use_ray else _run_in_process)(run, todo, progress)
+        synthesizer, why = None, ""
+        if use_ray is None:
+            use_ray, synthesizer, why = choose_executor(run, todo)
+        if use_ray:
+            _run_on_ray(run, todo, progress)
+        else:
+            _run_in_process(run, todo, progress, synthesizer, why)
     seconds = time.perf_counter() - progress.start
     missing = [s.path for s in run.shards if s.path not in files]
     if missing:

@@ -28,6 +28,7 @@ RUN_FORMAT = "f2m-ray-synthetic-run"
 MANIFEST_FORMAT = "f2m-ray-synthetic"
 
 PRECISIONS = ("auto", "fp32", "bf16")
+EXECUTORS = ("auto", "ray", "in-process")
 MAX_MASSES = 10**9  # per category and run: 100,000 files of 10,000 rows
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ class SynthesisConfig:
     seed_split: str = "all"  # seeds from "all" labeled ROIs or only the "train" split
     precision: str = "auto"  # decode precision: "fp32", "bf16" (autocast), or "auto" = bf16 on GPU, fp32 on CPU
     workers: int | None = None  # actor pool size; default one per GPU, else one per core
+    # Where the shards run: "ray" (a Ray Data actor pool), "in-process" (the same actor code in this
+    # process), or "auto": in this process when the work is shorter than starting Ray would take
+    # (f2m_ray.synth.driver.choose_executor). The bytes are the same either way.
+    executor: str = "auto"
     resume: bool = False  # finish a run in `out`, skipping its finished files
     overwrite: bool = False  # replace an existing synthetic dataset in `out`
     judge: str | None = None  # judge (f2m-ray judge train) that scores label_confidence
@@ -138,6 +143,8 @@ class ResolvedRun:
             f"per sample  K={c.k} seeds, weights on a {c.step:g} grid, alpha {c.alpha:g}, run seed {c.seed}",
             f"precision   {c.precision}" + (" (bf16 on GPU, fp32 on CPU)" if c.precision == "auto" else ""),
             f"files       {len(self.shards)} of up to {c.rows_per_file} rows; decode batch {c.batch_size}",
+            f"executor    {c.executor}" + (" (this process when the work is shorter than starting Ray; else Ray)"
+                                           if c.executor == "auto" else ""),
         ]
         if self.judge_path:
             lines.append(f"judge       {self.judge_path}  (id {self.judge_id}): scores label_confidence")
@@ -198,6 +205,10 @@ def _check_numbers(c: SynthesisConfig) -> None:
         raise F2MError(f"--batch-size must be positive, got {c.batch_size}")
     if c.workers is not None and c.workers <= 0:
         raise F2MError(f"--workers must be positive, got {c.workers}")
+    if c.executor not in EXECUTORS:
+        raise F2MError(f"--executor must be one of {', '.join(EXECUTORS)}, got {c.executor!r}")
+    if c.workers is not None and c.executor == "in-process":
+        raise F2MError("--workers sizes a Ray actor pool; it does not go with --executor in-process")
     if c.seed_split not in SEED_SPLITS:
         raise F2MError(f"unknown seed split {c.seed_split!r}; valid: {', '.join(SEED_SPLITS)}")
     if c.resume and c.overwrite:
