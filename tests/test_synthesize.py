@@ -451,6 +451,8 @@ def test_a_named_cluster_or_an_actor_count_means_ray_without_a_trial(model, tmp_
     built = []
     monkeypatch.setattr(driver, "_in_process_synthesizer", lambda run: built.append(run))
     assert driver.choose_executor(resolve(config(model, tmp_path / "x", workers=1)), list(run.shards))[:2] == (True, None)
+    big = resolve(config(model, tmp_path / "x", n=200_000, rows_per_file=100_000))
+    assert driver.choose_executor(big, list(big.shards)) == (True, None, "200000 masses: Ray's actors share them")
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     assert driver.choose_executor(run, list(run.shards)) == (True, None, "the Ray cluster in RAY_ADDRESS")
     assert built == []

@@ -178,6 +178,10 @@ def _run_in_process(run: ResolvedRun, todo: list[Shard], progress: _Progress,
 
 
 IN_PROCESS_MAX_SECONDS = 30.0  # "auto" runs work this short in this process (see choose_executor)
+# A mass costs at least this much CPU time in one process whatever decodes it (plan, nearest-seed
+# distance, PNG, Parquet: 0.45 ms on one core here, GPU or not): more masses than the threshold
+# allows at this rate go to Ray without a trial batch.
+MIN_SECONDS_PER_MASS = 0.3e-3
 
 
 def choose_executor(run: ResolvedRun, todo: list[Shard]) -> tuple[bool, ShardSynthesizer | None, str]:
@@ -188,14 +192,18 @@ def choose_executor(run: ResolvedRun, todo: list[Shard]) -> tuple[bool, ShardSyn
     actors run 1.2-1.4x faster than one process with two threads
     (benchmarks/synthesis_throughput.py). So work of up to about 30 s runs sooner here. The
     estimate times one decode batch of the run's first shard on this machine, after a warm-up
-    batch, with the actor code itself. A cluster named by RAY_ADDRESS, or --workers, means Ray.
+    batch, with the actor code itself (no trial for runs too large to qualify at any decode speed).
+    A cluster named by RAY_ADDRESS, or --workers, means Ray.
     """
     if os.environ.get("RAY_ADDRESS"):
         return True, None, "the Ray cluster in RAY_ADDRESS"
     if run.config.workers is not None:
         return True, None, "--workers sizes a Ray actor pool"
+    rows = sum(s.rows for s in todo)
+    if rows * MIN_SECONDS_PER_MASS > IN_PROCESS_MAX_SECONDS:
+        return True, None, f"{rows} masses: Ray's actors share them"
     synthesizer = _in_process_synthesizer(run)
-    seconds = synthesizer.estimate_seconds(todo[0], sum(s.rows for s in todo))
+    seconds = synthesizer.estimate_seconds(todo[0], rows)
     if seconds <= IN_PROCESS_MAX_SECONDS:
         return False, synthesizer, f"about {max(1.0, seconds):.0f} s of work: less than starting Ray would take"
     return True, None, f"about {seconds:.0f} s of work in one process: Ray's actors share it"
