@@ -158,6 +158,15 @@ def png_bytes(image: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) -> by
     return buffer.getvalue()
 
 
+def decoded_images(table: pa.Table) -> dict[str, np.ndarray]:
+    """Rows -> numpy columns with ``image`` as (N, H, W) float32 in [-1, 1] (f2m-ray's model range)."""
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names if name != "image"}
+    from f2m_ray.core.images import to_model_range
+
+    png = table.column("image").combine_chunks().field("bytes").to_pylist()
+    return {"image": to_model_range(np.stack([decode_png(data) for data in png])), **columns}
+
+
 def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes -> (H, W) uint8."""
     from PIL import Image

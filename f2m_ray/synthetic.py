@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from f2m_ray.errors import F2MError
-from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, decode_png
+from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, decode_png, decoded_images
 from f2m_ray.storage import arrow_filesystem, filesystem, join
 
 LABEL_COLUMNS = ("margin_id", "shape_id")
@@ -50,11 +50,19 @@ def synthetic_files(path: str) -> list[str]:
     return [join(path, record["path"]) for record in read_manifest(path)["files"]]
 
 
-def open_synthetic(path: str, columns: list[str] | None = None):
-    """A finished synthetic dataset as a ``ray.data.Dataset`` (one row per mass)."""
+def open_synthetic(path: str, columns: list[str] | None = None, decode_images: bool = False):
+    """A finished synthetic dataset as a ``ray.data.Dataset`` (one row per mass).
+
+    With ``decode_images=True`` the ``image`` column holds (64, 64) float32 arrays in [-1, 1]
+    instead of PNG bytes (decoded in Ray Data tasks) and, unless ``columns`` says otherwise, the
+    dataset holds only what a training loop needs: ``image``, ``margin_id`` and ``shape_id``, all
+    numeric, so ``iter_torch_batches`` takes it as it is.
+    """
     from f2m_ray.runtime.datasets import read_parquet  # starts or joins Ray: only when asked
 
-    return read_parquet(synthetic_files(path), columns)
+    if decode_images:
+        columns = ["image", *LABEL_COLUMNS] if columns is None else list(dict.fromkeys(["image", *columns]))
+    return read_parquet(synthetic_files(path), columns, transform=decoded_images if decode_images else None)
 
 
 def read_table(path: str, columns: list[str] | None = None):

@@ -62,6 +62,22 @@ def test_torch_dataset_decodes_png_to_model_range(dataset):
         data[80]
 
 
+def test_the_ray_dataset_gives_decoded_images_as_torch_batches(dataset, ray_local):
+    from f2m_ray.synthetic import open_synthetic
+
+    torch_data = SyntheticTorchDataset(str(dataset))
+    expected = {(torch_data.margin_ids[i], torch_data.shape_ids[i], torch_data[i][0].numpy().tobytes()) for i in range(80)}
+    batches = list(open_synthetic(str(dataset), decode_images=True).iter_torch_batches(batch_size=32))
+    assert sorted(batches[0]) == ["image", "margin_id", "shape_id"]
+    images = torch.cat([b["image"] for b in batches])
+    assert images.shape == (80, 64, 64) and images.dtype == torch.float32 and -1 <= images.min() < images.max() <= 1
+    got = {(m, s, img[None].numpy().tobytes()) for b in batches for m, s, img in zip(b["margin_id"].tolist(),
+                                                                                  b["shape_id"].tolist(), b["image"])}
+    assert got == expected  # every mass once, the same pixels and labels as the torch Dataset
+    raw = open_synthetic(str(dataset), columns=["sample_id", "category"])
+    assert raw.count() == 80 and sorted(raw.schema().names) == ["category", "sample_id"]
+
+
 def test_inspect_counts_and_sheet_images(dataset):
     info = inspect_dataset(str(dataset))
     assert info["counts"] == {CATEGORY: 40, OTHER: 40} and info["rows"] == 80 and info["files"] == 4
