@@ -113,7 +113,7 @@ def ray_run(preset, data: str, epochs: int, workers: int):
                              feature_bank=False)
         summary = train(preset.with_train(epochs=epochs, sample_every=10**6, checkpoint_every=10**6), options,
                         echo=lambda line: print("  ray |", line),
-                        start_ray=lambda: (ensure_ray(log_to_driver=False), quiet_ray_data()))
+                        start_ray=lambda: (ensure_ray(), quiet_ray_data()))
         rows = read_metrics(os.path.join(storage, "bench"))
     timings = [EpochTiming(r["epoch"], r["step"] - (rows[i - 1]["step"] if i else 0), r["images"],
                            r["train_seconds"], {}) for i, r in enumerate(rows)]

@@ -56,7 +56,7 @@ def judge_train(data: str, fmt: str, out: str, epochs: int | None, batch_size: i
     from f2m_ray.runtime.cluster import ensure_ray
     from f2m_ray.runtime.console import quiet_ray_data
 
-    ensure_ray(log_to_driver=False)  # epoch lines come through train_judge_on_ray's progress
+    ensure_ray()  # epoch lines come through train_judge_on_ray's progress
     quiet_ray_data()
     source = read_labeled(data, fmt, train_config.val_fraction, train_config.seed)
     arrays = collect_labeled(source.dataset)

@@ -62,7 +62,7 @@ def train(data, data_format, preset, workers, use_gpu, epochs, batch_size, seed,
     # callback: actors' logs stay off the console, since the command prints its own epoch lines.
     summary = run_training(
         resolved_preset, options, echo=click.echo,
-        start_ray=lambda: (ensure_ray(log_to_driver=False), quiet_ray_data()),
+        start_ray=lambda: (ensure_ray(), quiet_ray_data()),
     )
     if summary.metrics:
         click.echo(f"done: epoch {summary.end_epoch}, run folder {summary.run_dir}")

@@ -34,7 +34,7 @@ def train_run(storage: str) -> str:
         run_overrides={"data": RECIPE["data"], "storage": storage, "name": "small-phantom",
                        "workers": RECIPE["workers"], "feature_bank": False},
     )
-    summary = train(preset, options, echo=print, start_ray=lambda: (ensure_ray(log_to_driver=False), quiet_ray_data()))
+    summary = train(preset, options, echo=print, start_ray=lambda: (ensure_ray(), quiet_ray_data()))
     return summary.run_dir
 
 

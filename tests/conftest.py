@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import subprocess
+import threading
 import sys
 import tempfile
 import time
@@ -105,3 +107,202 @@ def s3_bucket(s3_server):
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_RAY_TMP, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- a real Ray cluster on this machine
+
+
+def _http_json(url: str, timeout: float = 2.0):
+    import json
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _children(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc."""
+    from pathlib import Path
+
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class LocalCluster:
+    """A Ray cluster as `ray start` makes one: a head (with the job server) and worker nodes on loopback.
+
+    Every node is a `ray start --block` process; ending that process (SIGTERM) ends what it
+    started, so the cluster is ended by its own PIDs, never by `ray stop`. `kill_node` takes a
+    node away without grace: its raylet is SIGKILLed (its workers die with it), as when a
+    machine is lost.
+    """
+
+    def __init__(self, head_cpus: int = 0):
+        self.temp = tempfile.mkdtemp(prefix="f2mk", dir="/tmp")  # Ray's socket paths: keep them short
+        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.nodes: list[subprocess.Popen] = []
+        self.head = self._start(["--head", "--port", str(self.port), "--dashboard-port", str(self.dashboard_port),
+                                 "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
+                                 "--ray-client-server-port", str(_free_port()), "--num-cpus", str(head_cpus)])
+        self._wait(lambda: _http_json(f"{self.dashboard}/api/version") and self.alive_nodes() == 1, "the head")
+
+    def _start(self, args: list[str]) -> subprocess.Popen:
+        log = open(os.path.join(self.temp, f"ray-start-{len(self.nodes)}.log"), "w")
+        return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--temp-dir", self.temp,
+                                 "--disable-usage-stats", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def _wait(self, probe, what: str, seconds: float = 90.0):
+        deadline = time.time() + seconds
+        while True:
+            try:
+                result = probe()
+                if result:
+                    return result
+            except OSError:
+                pass
+            if time.time() > deadline or self.head.poll() is not None:
+                raise RuntimeError(f"{what} did not come up within {seconds:.0f} s (logs in {self.temp})")
+            time.sleep(0.5)
+
+    def alive_nodes(self) -> int:
+        nodes = _http_json(f"{self.dashboard}/nodes?view=summary")["data"]["summary"]
+        return sum(1 for n in nodes if n.get("raylet", {}).get("state") == "ALIVE")
+
+    def add_node(self, cpus: int) -> subprocess.Popen:
+        node = self._start(["--address", self.address, "--num-cpus", str(cpus)])
+        self.nodes.append(node)
+        self._wait(lambda: self.alive_nodes() == 1 + len(self.nodes), "a worker node")
+        return node
+
+    def processes(self, node: subprocess.Popen, name: str) -> list[int]:
+        """PIDs below `node` whose command line holds `name` (e.g. an actor's class name)."""
+        return [p for p in _children(node.pid) if name in command_line(p)]
+
+    def kill_node(self, node: subprocess.Popen) -> None:
+        """The node is lost: its raylet SIGKILLed (its workers see it go and exit), then the rest of it ended."""
+        for pid in self.processes(node, "raylet/raylet"):
+            os.kill(pid, 9)
+        self._end(node)
+        self.nodes.remove(node)
+
+    @staticmethod
+    def _end(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop(self) -> None:
+        everything = [*self.nodes, self.head]
+        leftovers = [pid for node in everything for pid in _children(node.pid)]
+        for node in everything:
+            node.terminate()
+        deadline = time.time() + 15
+        for node in everything:
+            try:
+                node.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+        for pid in leftovers:  # anything `ray start` did not take down with it
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+class S3Outage:
+    """A TCP forwarder in front of the S3 server: point AWS_ENDPOINT_URL at `endpoint`, then `cut()`
+    (every open connection reset, new ones refused, as when the store goes away) and `restore()`
+    (the same port again). The server behind it keeps its data, so a resume finds what was written.
+    """
+
+    def __init__(self, target: str):
+        self.target = ("127.0.0.1", int(target.rsplit(":", 1)[1]))
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            for sock in list(self._open):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+                    sock.close()
+                except OSError:
+                    pass
+            self._open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            if self._listener is not listener:
+                client.close()
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._open |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with self._lock:
+                    self._open.discard(sock)
+                try:
+                    sock.close()
+                except OSError:
+                    pass

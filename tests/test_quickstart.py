@@ -104,7 +104,8 @@ def test_no_ray_alarm_or_dump_in_the_console_of_a_successful_run(tmp_path):
     steps = [
         ["encode", "--model", "pretrained", "--data", "phantom:60", "--out", "bank.parquet"],
         ["judge", "train", "--data", "phantom:120", "--out", "judge", "--epochs", "1", "--val-fraction", "0.25"],
-        ["synthesize", "--model", "pretrained", "--category", "spiculated-irregular", "--n", "60", "--out", "syn"],
+        ["synthesize", "--model", "pretrained", "--category", "spiculated-irregular", "--n", "60", "--out", "syn",
+         "--executor", "ray"],  # the Ray console: a run this small would otherwise stay in its own process
         ["evaluate", "--synthetic", "syn", "--real", "phantom:200", "--judge", "judge", "--out", "report",
          "--usefulness-steps", "4", "--usefulness-real", "12", "--usefulness-synthetic", "30",
          "--usefulness-protocol", "classic", "--usefulness-seeds", "1"],

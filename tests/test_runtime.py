@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -72,3 +73,78 @@ def test_actor_plans(monkeypatch):
     plan = actors.plan_actors(7)
     assert (plan.actors, plan.num_gpus, plan.num_cpus, plan.device) == (7, 0.1428, 1, "cuda")
     assert actors.plan_actors(100).actors == 16 and actors.plan_actors(1, workers=1).num_gpus == 1.0
+
+
+def test_actors_that_read_from_tasks_leave_a_cluster_cpu_for_them(monkeypatch):
+    """On a cluster (no oversubscribed slots) an encoder pool holding every CPU would starve its own reads."""
+    import ray
+
+    from f2m_ray.runtime import actors
+
+    monkeypatch.setattr(actors, "local_cores", lambda: 2)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # embedded Ray: its slots are oversubscribed, nothing to leave
+    assert actors.plan_actors(10, workers=1, upstream_tasks=True) == actors.ActorPlan(1, 2, 2.0, 0)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 4.0}}])
+    assert actors.plan_actors(10, workers=1) == actors.ActorPlan(1, 4, 4.0, 0)  # synthesis: nothing upstream
+    assert actors.plan_actors(10, workers=1, upstream_tasks=True) == actors.ActorPlan(1, 4, 3.0, 0)
+    assert actors.plan_actors(10, workers=4, upstream_tasks=True) == actors.ActorPlan(4, 1, 1.0, 0)  # 1 CPU at least
+    assert actors.plan_actors(10, workers=2, upstream_tasks=True) == actors.ActorPlan(2, 2, 1.5, 0)
+    # Two nodes of 2 CPUs (and a dead one of 8): one actor cannot use 4 threads on one node.
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}},
+                                               {"Alive": True, "Resources": {"CPU": 2.0}},
+                                               {"Alive": False, "Resources": {"CPU": 8.0}}])
+    assert actors.plan_actors(10, workers=1) == actors.ActorPlan(1, 2, 2.0, 0)
+    assert actors.plan_actors(10, workers=1, upstream_tasks=True) == actors.ActorPlan(1, 2, 2.0, 0)
+
+
+def test_a_wait_for_resources_that_never_come_ends_in_one_line(monkeypatch):
+    import ray
+
+    from f2m_ray.errors import F2MError
+    from f2m_ray.runtime.actors import ResourceWatch
+
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    start = time.monotonic()
+    with pytest.raises(F2MError, match=r"^encoding: nothing from the workers for 2 s while the Ray cluster has 0 of 2 CPUs free"):
+        with ResourceWatch("encoding", seconds=2):
+            while time.monotonic() - start < 30:
+                time.sleep(0.05)  # a loop that hears nothing
+    assert time.monotonic() - start < 5
+    # Results keep arriving, or the cluster has room (slow, not starved): no interruption.
+    with ResourceWatch("synthesis", seconds=1) as watch:
+        for _ in range(40):
+            watch.heard()
+            time.sleep(0.05)
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.0})
+    with ResourceWatch("synthesis", seconds=0.5):
+        time.sleep(2.5)
+
+
+def test_errors_from_ray_workers_read_as_the_line_raised_there():
+    from f2m_ray.errors import F2MError
+    from f2m_ray.runtime.errors import worker_error
+
+    class ActorDied(Exception):  # Ray's text for an actor whose constructor raised: the remote traceback
+        pass
+
+    died = ActorDied("The actor died because of an error raised in its creation task, ray::MapWorker.__init__()\n"
+                     '  File "/x/actor.py", line 50, in __init__\n    raise F2MError(...)\n'
+                     "f2m_ray.errors.F2MError: the feature bank b.parquet changed during the run")
+    died.__cause__ = Exception("")  # Ray Data's empty SystemException
+    assert worker_error(died) == "the feature bank b.parquet changed during the run"
+    crashed = ActorDied("The actor died ...\n  File \"/x/y.py\", line 3, in f\nOSError: [Errno 28] No space left on device")
+    assert worker_error(crashed) == "OSError: [Errno 28] No space left on device"
+
+    class TaskError(Exception):  # RayTaskError: the original exception rebuilt in `.cause`
+        def __init__(self, cause):
+            super().__init__("ray::task failed\nTraceback ...")
+            self.cause = cause
+
+    assert worker_error(TaskError(OSError("When uploading part: connection refused"))) == \
+        "OSError: When uploading part: connection refused"
+    assert worker_error(TaskError(F2MError("the checkpoint x changed during the run"))) == \
+        "the checkpoint x changed during the run"
+    assert worker_error(ValueError("bad value")) == "ValueError: bad value"

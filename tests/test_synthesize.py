@@ -11,6 +11,7 @@ import time
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 import torch
@@ -456,6 +457,37 @@ def test_a_named_cluster_or_an_actor_count_means_ray_without_a_trial(model, tmp_
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     assert driver.choose_executor(run, list(run.shards)) == (True, None, "the Ray cluster in RAY_ADDRESS")
     assert built == []
+
+
+def test_an_error_inside_a_ray_actor_reads_as_the_same_line_as_in_this_process(model, tmp_path, ray_local):
+    """The bank changes between the driver's checks and the actor's start: one line, the same either way."""
+    import pyarrow.parquet as pq
+
+    bank = default_bank_path(model)
+    original = open(bank, "rb").read()
+    table = pq.read_table(bank)
+    features = table.column("feature").to_pylist()
+    features[0] = [x + 1.0 for x in features[0]]
+    index = table.schema.get_field_index("feature")
+    pq.write_table(table.set_column(index, table.schema.field("feature"),
+                                    pa.array(features, type=table.schema.field("feature").type)), tmp_path / "changed")
+    changed = (tmp_path / "changed").read_bytes()
+
+    def swap_the_bank(line: str) -> None:  # called once the run is resolved and before any actor starts
+        if line.startswith("model:"):
+            open(bank, "wb").write(changed)
+
+    lines = {}
+    for use_ray in (False, True):
+        try:
+            with pytest.raises(F2MError) as failure:
+                synthesize(config(model, tmp_path / f"ray-{use_ray}", n=50, rows_per_file=50,
+                                  workers=1 if use_ray else None), report=swap_the_bank, use_ray=use_ray)
+        finally:
+            open(bank, "wb").write(original)
+        lines[use_ray] = str(failure.value)
+    assert lines[True] == lines[False] == (f"synthesis failed: the feature bank {bank} changed during the run; "
+                                           f"0 finished files are kept, run again with --resume once fixed")
 
 
 # ---------------------------------------------------------------- the dataset card, defaults

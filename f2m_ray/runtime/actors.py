@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import math
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 from f2m_ray.errors import F2MError
@@ -46,12 +49,23 @@ def check_workers(workers: int | None, resources: dict[str, float] | None = None
                        f"(use --workers {slots} or fewer)")
 
 
-def plan_actors(work_units: int, workers: int | None = None) -> ActorPlan:
+def largest_node_cpus() -> int:
+    """CPUs of the cluster's largest live node (an actor cannot span nodes)."""
+    import ray
+
+    return int(max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
+
+
+def plan_actors(work_units: int, workers: int | None = None, upstream_tasks: bool = False) -> ActorPlan:
     """Actor pool for `work_units` independent units: one per GPU, else cores split evenly.
 
     Locally Ray's logical CPUs are oversubscribed (f2m_ray.runtime.cluster), so real cores come
     from the OS; on a cluster they come from Ray. Fewer units than cores: fewer actors
-    with more threads each, so that no core idles.
+    with more threads each, so that no core idles; but an actor lives on one node, so it
+    never asks for more CPUs than the largest node has. With `upstream_tasks` (a pipeline whose
+    actors consume what Ray Data tasks read), the actors leave one of a cluster's CPUs to those
+    tasks: actors holding every CPU would wait forever for input that no task can be scheduled
+    to read.
     """
     import ray
 
@@ -68,7 +82,12 @@ def plan_actors(work_units: int, workers: int | None = None) -> ActorPlan:
         return ActorPlan(actors, torch_threads=1, num_cpus=1, num_gpus=share)
     actors = workers or max(1, min(cores, work_units))
     threads = max(1, cores // actors)
-    return ActorPlan(actors, torch_threads=threads, num_cpus=float(threads), num_gpus=0)
+    if os.environ.get("RAY_ADDRESS"):
+        threads = min(threads, max(1, largest_node_cpus()))
+    num_cpus = float(threads)
+    if upstream_tasks and os.environ.get("RAY_ADDRESS") and actors * num_cpus > cores - 1:
+        num_cpus = max(1.0, math.floor((cores - 1) / actors * 100) / 100)  # Ray counts CPU fractions in 1e-2 units here
+    return ActorPlan(actors, torch_threads=threads, num_cpus=num_cpus, num_gpus=0)
 
 
 def prepare_torch(threads: int, device: str) -> None:
@@ -100,3 +119,65 @@ def keep_large_allocations() -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_KEEP_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_KEEP_BYTES))
     except (OSError, AttributeError):
         return False
+
+
+RESOURCE_WAIT_ENV = "F2M_RESOURCE_WAIT_S"
+RESOURCE_WAIT_SECONDS = 300.0
+
+
+class ResourceWatch:
+    """Ends, in one line, a wait for Ray resources that do not come, instead of waiting forever.
+
+    Ray queues an actor or task that asks for more than is free for as long as it takes (on an
+    autoscaling cluster new nodes may come). A command that has heard nothing from its workers
+    for F2M_RESOURCE_WAIT_S seconds (300) while the cluster has no CPU free (or fewer GPUs than
+    one worker asks for) stops: the main thread gets a KeyboardInterrupt, turned into an
+    F2MError naming what it waited for and what the cluster holds. Use as a context manager
+    around the loop that receives the workers' results; call `heard()` for each one.
+    """
+
+    def __init__(self, what: str, gpus: float = 0.0, seconds: float | None = None):
+        self.what, self.gpus = what, gpus
+        self.seconds = float(os.environ.get(RESOURCE_WAIT_ENV, RESOURCE_WAIT_SECONDS)) if seconds is None else seconds
+        self.message: str | None = None
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="f2m-resource-watch", daemon=True)
+
+    def heard(self) -> None:
+        self._last = time.monotonic()
+
+    def _short(self) -> str | None:
+        """What the cluster lacks for one more worker, or None if it has room."""
+        import ray
+
+        free, total = ray.available_resources(), ray.cluster_resources()
+        if self.gpus and free.get("GPU", 0.0) < self.gpus:
+            return f"{free.get('GPU', 0.0):g} of {total.get('GPU', 0.0):g} GPUs free"
+        if free.get("CPU", 0.0) < 1.0:
+            return f"{free.get('CPU', 0.0):g} of {total.get('CPU', 0.0):g} CPUs free"
+        return None
+
+    def _watch(self) -> None:
+        while not self._done.wait(1.0):
+            if time.monotonic() - self._last < self.seconds:
+                continue
+            short = self._short()
+            if short is None:  # slow, not starved: keep waiting
+                self.heard()
+                continue
+            self.message = (f"{self.what}: nothing from the workers for {self.seconds:.0f} s while the Ray cluster "
+                            f"has {short}; other work holds them (see `ray status`), or the cluster is too small. "
+                            f"Stopped waiting ({RESOURCE_WAIT_ENV} sets how long)")
+            _thread.interrupt_main()
+            return
+
+    def __enter__(self) -> "ResourceWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._done.set()
+        self._thread.join()
+        if self.message and exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            raise F2MError(self.message) from None

@@ -29,13 +29,16 @@ def _quiet_defaults() -> None:
 
 
 
-def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None, log_to_driver: bool = True,
+def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None, log_to_driver: bool = False,
                report=None) -> None:
     """Join the cluster in RAY_ADDRESS, or start embedded local Ray with settings that work on 2 cores.
 
-    ``log_to_driver=False`` keeps the actors' own log lines (Ray Train's bookkeeping, and the
-    state-API warnings that embedded Ray without a dashboard produces) out of the console,
-    for commands that print their own progress; they stay in Ray's session log files.
+    Every command prints its own progress, and what fails in a worker comes back as an exception
+    (one line, f2m_ray.runtime.errors), so by default the workers' own log lines (Ray Train's
+    bookkeeping, Ray Data's banners and deprecation notes, remote tracebacks, the state-API
+    warnings of embedded Ray without a dashboard) stay in Ray's session log files instead of
+    the console, on a cluster too, where the console is a job's log. ``log_to_driver=True``
+    streams them.
     Joining a cluster prints one line naming it (through `report`, default stderr).
     """
     _quiet_defaults()
@@ -46,7 +49,7 @@ def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None, log_to_
     filter_native_stderr()
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(logging_level=logging.WARNING, log_to_driver=log_to_driver)
         resources = ray.cluster_resources()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         line = (f"joined the Ray cluster at {address}: {nodes} node(s), {resources.get('CPU', 0):g} CPU, "

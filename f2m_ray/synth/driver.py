@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from f2m_ray.errors import F2MError
-from f2m_ray.runtime.actors import ActorPlan, check_workers, local_cores, plan_actors
+from f2m_ray.runtime.actors import ActorPlan, ResourceWatch, check_workers, local_cores, plan_actors
 from f2m_ray.runtime.console import quiet_ray_data
 from f2m_ray.runtime.env import worker_runtime_env
 from f2m_ray.runtime.errors import worker_error
@@ -145,15 +145,20 @@ def _run_on_ray(run: ResolvedRun, todo: list[Shard], progress: _Progress) -> Non
         runtime_env=worker_runtime_env(),
     )
     try:
-        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
-            progress.add(batch)
-    except (F2MError, KeyboardInterrupt):
+        with ResourceWatch("synthesis", gpus=actors.num_gpus) as watch:
+            for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+                watch.heard()
+                progress.add(batch)
+    except (F2MError, KeyboardInterrupt):  # the driver's own: a resource wait given up, an interrupt
         raise
     except Exception as err:  # Ray wraps what failed in an actor
-        raise F2MError(
-            f"synthesis failed: {worker_error(err)}; {len(progress.files)} finished files are kept, "
-            f"run again with --resume once fixed"
-        ) from None
+        raise _failed(err, progress) from None
+
+
+def _failed(err: BaseException, progress: _Progress) -> F2MError:
+    """The one line for a shard that failed, the same from a Ray actor as from this process."""
+    return F2MError(f"synthesis failed: {worker_error(err)}; {len(progress.files)} finished files are kept, "
+                    f"run again with --resume once fixed")
 
 
 def _in_process_synthesizer(run: ResolvedRun) -> ShardSynthesizer:
@@ -244,13 +249,18 @@ def synthesize(
     todo = [s for s in run.shards if s.path not in finished]
     progress = _Progress(run, files, report, on_file)
     if todo:
-        synthesizer, why = None, ""
-        if use_ray is None:
-            use_ray, synthesizer, why = choose_executor(run, todo)
+        try:  # the actor's own work in this process: what fails reads as it would from a Ray actor
+            synthesizer, why = None, ""
+            if use_ray is None:
+                use_ray, synthesizer, why = choose_executor(run, todo)
+            if not use_ray:
+                _run_in_process(run, todo, progress, synthesizer, why)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:
+            raise _failed(err, progress) from None
         if use_ray:
             _run_on_ray(run, todo, progress)
-        else:
-            _run_in_process(run, todo, progress, synthesizer, why)
     seconds = time.perf_counter() - progress.start
     missing = [s.path for s in run.shards if s.path not in files]
     if missing:

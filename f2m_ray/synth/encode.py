@@ -14,7 +14,7 @@ import numpy as np
 from f2m_ray.bank import default_bank_path, write_feature_bank
 from f2m_ray.checkpoint import find_checkpoint, load_generator
 from f2m_ray.errors import F2MError
-from f2m_ray.runtime.actors import plan_actors, prepare_torch
+from f2m_ray.runtime.actors import ResourceWatch, plan_actors, prepare_torch
 from f2m_ray.runtime.env import worker_runtime_env
 from f2m_ray.runtime.errors import worker_error
 from f2m_ray.core.images import to_uint8
@@ -86,7 +86,8 @@ def build_feature_bank(
     out = out or default_bank_path(path)
     ensure_ray()
     source = read_labeled(data, fmt, val_fraction, seed)
-    actors = plan_actors(work_units=max(1, source.rows // ENCODE_BATCH), workers=workers or 1)
+    # The actors read what Ray Data tasks decode: on a cluster they leave those tasks a CPU.
+    actors = plan_actors(work_units=max(1, source.rows // ENCODE_BATCH), workers=workers or 1, upstream_tasks=True)
     encoded = source.dataset.map_batches(
         _Encoder,
         fn_constructor_kwargs={"checkpoint": path, "torch_threads": actors.torch_threads, "device": actors.device},
@@ -98,9 +99,11 @@ def build_feature_bank(
     )
     parts: dict[str, list] = {k: [] for k in ("roi_id", "margin", "shape", "split", "patient_id", "source", "png", "feature")}
     try:
-        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
-            for key in parts:
-                parts[key].append(batch[key])
+        with ResourceWatch("encoding", gpus=actors.num_gpus) as watch:
+            for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+                watch.heard()
+                for key in parts:
+                    parts[key].append(batch[key])
     except (F2MError, KeyboardInterrupt):
         raise
     except Exception as err:  # Ray wraps what failed in a worker
