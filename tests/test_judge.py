@@ -165,7 +165,9 @@ def test_cli_judge_train_on_ray_train_and_info(ray_local, tmp_path):
     assert report["train_rows"] + report["val_rows"] == 120 and report["epochs"] == 1
     train_ids = json.loads((tmp_path / "judge" / "train_ids.json").read_text())
     assert len(train_ids) == report["train_rows"] and train_ids == sorted(train_ids)
-    assert 0.0 <= report["val_accuracy"]["margin"] <= 1.0
+    for head in ("margin", "shape"):  # a share of the held-out rows: a whole count of them
+        correct = report["val_accuracy"][head] * report["val_rows"]
+        assert abs(correct - round(correct)) < 1e-9, report
     info = invoke("judge", "info", out)
     assert info.exit_code == 0 and meta["judge_id"] in info.stdout
     again = invoke("judge", "train", "--data", "phantom:120", "--out", out)

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from f2m_ray.checkpoint import find_checkpoint, load_checkpoint, read_metadata, save_checkpoint
+from f2m_ray.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from f2m_ray.config import PRESETS
 from f2m_ray.errors import F2MError
 from f2m_ray.core.networks import build_networks
-from f2m_ray.storage import filesystem, join
 from f2m_ray.train.driver import train
 from f2m_ray.train.options import RunOptions, describe_run, resolve_run
 from f2m_ray.train.worker import state_checksum
@@ -67,7 +66,9 @@ def test_two_epochs_leave_checkpoints_metrics_and_pictures(local_run):
     assert [r["epoch"] for r in rows] == [1, 2]
     assert [r["step"] for r in rows] == [5, 10]
     assert all(r["images"] == 2 * STEPS_PER_EPOCH * 16 for r in rows)
-    assert all(r["val_rows"] == 27 and 0 <= r["val_margin_accuracy"] <= 1 for r in rows)
+    for r in rows:  # accuracies of 27 held-out phantoms: whole counts out of 27
+        assert r["val_rows"] == 27
+        assert [abs(r[k] * 27 - round(r[k] * 27)) < 1e-9 for k in ("val_margin_accuracy", "val_shape_accuracy")] == [True, True]
     assert png_size((run_dir / "loss_curve.png").read_bytes()) == (960, 600)
     # one row per category (20 phantom categories) of 64 px under a 16 px header
     width, height = png_size((run_dir / "samples" / "epoch_000002.png").read_bytes())
@@ -117,28 +118,6 @@ def test_run_already_at_its_epochs_trains_nothing(local_run):
     summary = train(TINY.with_train(epochs=1), options, echo=lines.append)
     assert summary.start_epoch == summary.end_epoch >= 2
     assert "nothing to train" in lines[0]
-
-
-# ---------------------------------------------------------------- S3 on loopback
-
-
-@pytest.mark.s3
-def test_s3_run_and_resume(ray_local, s3_bucket):
-    storage = f"{s3_bucket}/runs"
-    options = RunOptions(data="phantom:100", workers=2, storage=storage, name="s3run", feature_bank=False)
-    first = train(TINY.with_train(epochs=1), options, echo=lambda line: None)
-    second = train(TINY.with_train(epochs=2), options, echo=lambda line: None)
-    assert (first.end_epoch, second.start_epoch, second.end_epoch) == (1, 1, 2)
-    run_dir = join(storage, "s3run")
-    fs, root = filesystem(run_dir)
-    fs.invalidate_cache()  # s3fs caches listings per process
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-    assert {"checkpoint_epoch_000001", "checkpoint_epoch_000002", "metrics.jsonl", "loss_curve.png"} <= set(names)
-    assert find_checkpoint(run_dir) == join(run_dir, "checkpoint_epoch_000002")
-    rows = read_metrics(run_dir)
-    assert [r["epoch"] for r in rows] == [1, 2]
-    assert rows[1]["step"] == 2 * rows[0]["step"] > 0
-    assert load_checkpoint(run_dir, with_optimizer=True).optim_state is not None
 
 
 # ---------------------------------------------------------------- bad input
@@ -293,87 +272,3 @@ def test_relative_paths_mean_the_folder_the_command_ran_in(tmp_path, monkeypatch
     assert options.run_dir == str(tmp_path / "runs" / "demo") and options.data == str(tmp_path / "rois" / "labels.csv")
     _, options = resolve_run(None, "tiny", run_overrides={"storage": "s3://bucket/runs", "name": "d", "data": "phantom:50"})
     assert options.run_dir == "s3://bucket/runs/d" and options.data == "phantom:50"
-
-
-# ---------------------------------------------------------------- a lost worker, from the console
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc: Ray's workers are children of the raylet the driver started)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [p for p, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def _command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _train_and_kill_a_worker(tmp_path, name: str, *flags: str) -> tuple[subprocess.Popen, str, str]:
-    """`f2m-ray train` (tiny, checkpoint every epoch) in its own process; SIGKILL one of its two Ray Train
-    workers once epoch 2 is logged. Returns the ended process, its stdout and its stderr."""
-    import os
-    import signal
-    import time
-
-    command = [sys.executable, "-m", "f2m_ray_cli", "train", "--preset", "tiny", "--data", "phantom:200",
-               "--checkpoint-every", "1", "--storage", "runs", "--name", name, "--no-bank", *flags]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_dir = str(tmp_path / "runs" / name)
-    try:
-        deadline = time.time() + 240
-        while not any(r["epoch"] >= 2 for r in read_metrics(run_dir)):
-            assert proc.poll() is None and time.time() < deadline, "training ended or stalled before epoch 2"
-            time.sleep(0.1)
-        workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in _command_line(p)]
-        assert len(workers) == 2, [_command_line(p) for p in _descendants(proc.pid)]
-        os.kill(workers[1], signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc, stdout, stderr
-
-
-@pytest.mark.ray
-def test_a_killed_worker_restarts_from_its_checkpoint_and_says_so(tmp_path):
-    import re
-
-    proc, output, stderr = _train_and_kill_a_worker(tmp_path, "lost", "--epochs", "6")
-    run_dir = str(tmp_path / "runs" / "lost")
-    assert proc.returncode == 0, output + stderr
-    restart = re.findall(r"^worker lost at epoch (\d+): restarting from checkpoint epoch (\d+), 1 of 2 restarts used$",
-                         output, flags=re.M)
-    assert len(restart) == 1, output
-    lost_at, resumed_from = map(int, restart[0])
-    assert 1 <= resumed_from < lost_at <= 6  # epoch 2 may be logged before its checkpoint lands
-    assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]  # each once, the re-run ones replaced
-    events = [r for r in read_metrics(run_dir, events=True) if "event" in r]
-    assert [e["event"] for e in events] == ["start", "restart"]
-    assert (events[1]["lost_at_epoch"], events[1]["from_epoch"], events[1]["restarts_used"]) == (lost_at, resumed_from, 1)
-    assert "epoch    6/6" in output and "core_worker.cc" not in output + stderr, output + stderr
-
-
-@pytest.mark.ray
-def test_a_run_that_loses_more_workers_than_allowed_stops_in_one_line_naming_its_checkpoint(tmp_path):
-    proc, _, stderr = _train_and_kill_a_worker(tmp_path, "fragile", "--epochs", "8", "--max-failures", "0")
-    run_dir = str(tmp_path / "runs" / "fragile")
-    errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
-    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
-    assert len(errors) == 1 and "training failed after 0 of 0 restarts" in errors[0], stderr
-    assert f"the last checkpoint is {run_dir}/checkpoint_epoch_00000" in errors[0]
-    assert errors[0].endswith("the same command resumes from it")

@@ -33,6 +33,22 @@ _console = {"owned": False, "filter": None}
 def own_console() -> None:
     """Called by the command line: this process's stderr is ours to filter."""
     _console["owned"] = True
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropAbandonedUploads) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DropAbandonedUploads())
+
+
+class _DropAbandonedUploads(logging.Filter):
+    """asyncio's "Task exception was never retrieved" for an aiohttp request cut short by a lost connection.
+
+    s3fs leaves the request's writer task behind when it gives up on a connection; the failure
+    itself reaches the command as an exception and is reported there in one line.
+    """
+
+    def filter(self, record) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage().startswith("Task exception was never retrieved")
+                    and type(error).__module__.split(".")[0] == "aiohttp")
 
 
 class NativeStderrFilter:

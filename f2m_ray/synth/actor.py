@@ -99,14 +99,15 @@ class ShardSynthesizer:
         yield _record(category_name, start, stop, stop - start - reported, relative_path, size, guard)
 
     def estimate_seconds(self, shard: Shard, rows: int) -> float:
-        """Seconds this synthesizer would take for `rows` masses: one decode batch of `shard` timed after a warm-up."""
+        """Seconds this synthesizer would take for `rows` masses: one decode batch of `shard` (guards and
+        their retries included) timed after a warm-up batch."""
         category = parse_category(shard.category)
         pool = self.pools[category.name]
-        indices = np.arange(shard.start, min(shard.stop, shard.start + self.spec.batch_size))
-        self._candidates(category, pool, indices, 0)  # first-call allocations and kernel choices
+        end = min(shard.stop, (shard.start // self.spec.batch_size + 1) * self.spec.batch_size)
+        self._candidates(category, pool, np.arange(shard.start, end), 0)  # first-call allocations, kernel choices
         start = time.perf_counter()
-        self._candidates(category, pool, indices, 0)
-        return (time.perf_counter() - start) * rows / len(indices)
+        self._decode_batch(category, pool, shard.start, end, {k: [] for k in COLUMNS})
+        return (time.perf_counter() - start) * rows / (end - shard.start)
 
     def _decode_batch(self, category: Category, pool: np.ndarray, begin: int, end: int, columns: dict[str, list]) -> None:
         """Samples [begin, end): candidate 0 for each, then further sub-seeds for those a guard rejects."""

@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from f2m_ray.checkpoint import find_checkpoint
 from f2m_ray.config import Preset
-from f2m_ray.errors import F2MError
+from f2m_ray.errors import F2MError, first_line
 from f2m_ray.runtime.env import worker_env
 from f2m_ray.runtime.errors import ray_error_line, unwrap_training_error
 from f2m_ray.runtime.trainer import check_resources, cpu_per_worker, storage_args
@@ -84,8 +84,9 @@ class _MetricsTail:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join()
-        self.poll()
+        self._thread.join(timeout=30)  # a poll may be retrying an unreachable store: the lines are best effort
+        if not self._thread.is_alive():
+            self.poll()
 
     def _run(self) -> None:
         while not self._stop.wait(1.0):
@@ -244,10 +245,14 @@ def _training_failed(err: Exception, run_dir: str, restarts: int, max_failures: 
     inner = unwrap_training_error(err)
     if isinstance(inner, F2MError):
         return F2MError(str(inner))
-    fresh_listing(run_dir)
-    last = existing_checkpoint(run_dir)
-    where = (f"the last checkpoint is {last['path']} (epoch {last['epoch']}): the same command resumes from it"
-             if last else "no checkpoint was written")
+    try:
+        fresh_listing(run_dir)
+        last = existing_checkpoint(run_dir)
+        where = (f"the last checkpoint is {last['path']} (epoch {last['epoch']}): the same command resumes from it"
+                 if last else "no checkpoint was written")
+    except Exception as listing:  # the storage itself may be what failed (botocore errors are not OSErrors)
+        where = (f"the checkpoints in {run_dir} cannot be listed now ({first_line(listing)}); once the storage "
+                 f"answers, the same command resumes from the last one")
     return F2MError(f"training failed after {restarts} of {max_failures} restarts: "
                     f"{type(inner).__name__}: {ray_error_line(inner)}; {where}")
 
