@@ -36,6 +36,16 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory):
+    """A briefly trained `tiny` checkpoint with its bank (test_synthesize.train_checkpoint), made once a session."""
+    from test_synthesize import make_bank, train_checkpoint
+
+    checkpoint = train_checkpoint(str(tmp_path_factory.mktemp("trained") / "ckpt"))
+    make_bank(checkpoint)
+    return checkpoint
+
+
 @pytest.fixture()
 def one_torch_thread():
     """Small convolutions run no faster on two threads, and much slower on a busy machine."""

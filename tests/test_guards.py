@@ -20,7 +20,7 @@ from f2m_ray.synth.plan import resolve
 from f2m_ray.synthetic import read_table
 from f2m_ray_cli.main import _register, cli
 from test_judge import TINY
-from test_synthesize import CATEGORY, by_index, config, make_bank, make_checkpoint
+from test_synthesize import CATEGORY, by_index, config
 
 N, ROWS_PER_FILE = 300, 150
 
@@ -28,10 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    ckpt = make_checkpoint(str(tmp_path_factory.mktemp("guard-model") / "ckpt"))
-    make_bank(ckpt)
-    return ckpt
+def model(trained_model):
+    return trained_model
 
 
 @pytest.fixture(scope="module")

@@ -204,3 +204,42 @@ def test_generator_learns_through_the_discriminators_alone():
     grads = [p.grad for p in g.decoder.parameters()]
     assert all(grad is not None for grad in grads) and sum(float(grad.abs().sum()) for grad in grads) > 0
     assert not all(torch.equal(a, b) for a, b in zip(before, g.decoder.parameters()))
+
+
+def test_each_discriminator_is_scored_on_its_own_labels():
+    """D1's label terms use the margins and D2's the shapes: the step's D losses equal eq. 3 and 4 with them,
+    and differ from the same terms on each other's labels."""
+    from f2m_ray.core.step import Feature2MassStep, make_optimizers
+
+    preset = PRESETS["tiny"]
+    images, margins, shapes = _toy(8, seed=3)
+    assert not torch.equal(margins, shapes)
+    torch.manual_seed(0)
+    g, d1, d2 = build_networks(preset.model)
+    opt_g, opt_d = make_optimizers(g, d1, d2, preset.train)
+    loss = preset.loss
+    with torch.no_grad():  # what the step will see: train-mode BatchNorm uses this batch's own statistics
+        fake = g(images, margins, shapes)
+        outputs = {name: DiscriminatorOutputs(*d(images), *d(fake)) for name, d in (("margin", d1), ("shape", d2))}
+
+    def eq(name: str, labels: torch.Tensor) -> float:
+        weight = loss.lambda_margin if name == "margin" else loss.lambda_shape
+        return float(discriminator_loss(outputs[name], labels, weight, loss.fake_label_weight)["total"])
+
+    metrics = Feature2MassStep(g, d1, d2, opt_g, opt_d, loss)(images, margins, shapes)
+    assert abs(float(metrics["d_margin_loss"]) - eq("margin", margins)) < 1e-4
+    assert abs(float(metrics["d_shape_loss"]) - eq("shape", shapes)) < 1e-4
+    assert abs(eq("margin", margins) - eq("margin", shapes)) > 0.1 and abs(eq("shape", shapes) - eq("shape", margins)) > 0.1
+
+
+def test_the_discriminators_label_term_rewards_the_true_label():
+    """CE on the given labels: logits confident in the true class cost little, confident in another class a lot."""
+    labels = torch.tensor([0, 3, 1, 4])
+    right, wrong = torch.full((4, 5), -6.0), torch.full((4, 5), -6.0)
+    right[torch.arange(4), labels] = 6.0
+    wrong[torch.arange(4), (labels + 1) % 5] = 6.0
+    zero = torch.zeros(4)
+    terms = {name: discriminator_loss(DiscriminatorOutputs(zero, logits, zero, logits), labels, 1.0)
+             for name, logits in (("right", right), ("wrong", wrong))}
+    assert terms["right"]["label_real"] < 0.01 and terms["right"]["label_fake"] < 0.01
+    assert terms["wrong"]["label_real"] > 10 and terms["wrong"]["label_fake"] > 10

@@ -18,17 +18,14 @@ from f2m_ray.synthetic import (
     sample_images,
     synthetic_files,
 )
-from test_synthesize import CATEGORY, OTHER, make_bank, make_checkpoint
+from test_synthesize import CATEGORY, OTHER
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """40 + 40 masses written in this process (the same actor code, no Ray)."""
-    root = tmp_path_factory.mktemp("synthetic")
-    ckpt = make_checkpoint(str(root / "ckpt"))
-    make_bank(ckpt)
-    out = root / "dataset"
-    config = SynthesisConfig(categories=(CATEGORY, OTHER), n=40, out=str(out), model=ckpt, rows_per_file=25, k=5)
+def dataset(tmp_path_factory, trained_model):
+    """40 + 40 masses of the trained fixture model written in this process (the same actor code, no Ray)."""
+    out = tmp_path_factory.mktemp("synthetic") / "dataset"
+    config = SynthesisConfig(categories=(CATEGORY, OTHER), n=40, out=str(out), model=trained_model, rows_per_file=25, k=5)
     synthesize(config, report=None, use_ray=False)
     return out
 
