@@ -50,19 +50,38 @@ def synthetic_files(path: str) -> list[str]:
     return [join(path, record["path"]) for record in read_manifest(path)["files"]]
 
 
-def open_synthetic(path: str, columns: list[str] | None = None, decode_images: bool = False):
+def open_synthetic(path: str, columns: list[str] | None = None, decode_images: bool = False,
+                   categories: list[str] | None = None):
     """A finished synthetic dataset as a ``ray.data.Dataset`` (one row per mass).
 
     With ``decode_images=True`` the ``image`` column holds (64, 64) float32 arrays in [-1, 1]
     instead of PNG bytes (decoded in Ray Data tasks) and, unless ``columns`` says otherwise, the
     dataset holds only what a training loop needs: ``image``, ``margin_id`` and ``shape_id``, all
-    numeric, so ``iter_torch_batches`` takes it as it is.
+    numeric, so ``iter_torch_batches`` takes it as it is. ``categories`` keeps those categories
+    (any spelling the command line accepts; one the dataset lacks is an error, not 0 rows).
     """
     from f2m_ray.runtime.datasets import read_parquet  # starts or joins Ray: only when asked
 
     if decode_images:
         columns = ["image", *LABEL_COLUMNS] if columns is None else list(dict.fromkeys(["image", *columns]))
-    return read_parquet(synthetic_files(path), columns, transform=decoded_images if decode_images else None)
+    manifest = read_manifest(path)
+    files = manifest["files"]
+    if categories:
+        wanted = set(_chosen_categories(path, categories, set(manifest["counts"])))
+        files = [record for record in files if record["category"] in wanted]
+    return read_parquet([join(path, record["path"]) for record in files], columns,
+                        transform=decoded_images if decode_images else None)
+
+
+def _chosen_categories(path: str, categories: list[str], held: set[str]) -> list[str]:
+    """The canonical names of `categories` (accepted spellings); unknown or absent ones are an F2MError."""
+    from f2m_ray.labels import parse_category
+
+    wanted = [parse_category(name).name for name in categories]  # any accepted spelling; unknown: F2MError
+    missing = [name for name in wanted if name not in held]
+    if missing:
+        raise F2MError(f"{path} holds no masses of {', '.join(missing)}; it holds {', '.join(sorted(held))}")
+    return wanted
 
 
 def read_table(path: str, columns: list[str] | None = None):
@@ -100,13 +119,7 @@ class SyntheticTorchDataset(_TorchDataset):
 
         table = read_table(path, columns=["image", "category", *LABEL_COLUMNS])
         if categories:
-            from f2m_ray.labels import parse_category
-
-            wanted = [parse_category(name).name for name in categories]  # any accepted spelling; unknown: F2MError
-            held = set(pc.unique(table.column("category")).to_pylist())
-            missing = [name for name in wanted if name not in held]
-            if missing:
-                raise F2MError(f"{path} holds no masses of {', '.join(missing)}; it holds {', '.join(sorted(held))}")
+            wanted = _chosen_categories(path, categories, set(pc.unique(table.column("category")).to_pylist()))
             table = table.filter(pc.is_in(table.column("category"), value_set=pa.array(wanted)))
         self.path = path
         self.images = table.column("image").combine_chunks().field("bytes")

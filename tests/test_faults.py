@@ -178,6 +178,22 @@ def outage(s3_server):
     return S3Outage(s3_server)
 
 
+def secret_env(outage: S3Outage) -> tuple[dict[str, str], str]:
+    """The commands' environment: S3 through the outage, and a secret key that must end up nowhere
+    (the loopback server does not check signatures, so any key works)."""
+    sentinel = "SENTINEL-5ecret-" + os.urandom(6).hex()
+    return {**os.environ, "AWS_ENDPOINT_URL": outage.endpoint, "AWS_SECRET_ACCESS_KEY": sentinel}, sentinel
+
+
+def assert_written_nowhere(sentinel: str, console: str, bucket: str, prefix: str, local: Path) -> None:
+    """Not in the console, not in any object under s3://bucket/prefix, not in any file under `local`."""
+    assert sentinel not in console
+    stored = objects(bucket, prefix)
+    assert stored and [key for key, data in stored.items() if sentinel.encode() in data] == []
+    files = [p for p in local.rglob("*") if p.is_file()]
+    assert [p for p in files if sentinel.encode() in p.read_bytes()] == []
+
+
 def objects(bucket: str, prefix: str) -> dict[str, bytes]:
     """Every object under s3://bucket/prefix, read from the server directly (not through the outage)."""
     import s3fs
@@ -191,12 +207,13 @@ def test_s3_gone_mid_synthesis_is_one_line_and_resume_finishes_the_same_bytes(ou
     bucket = s3_bucket[len("s3://"):]
     args = ["synthesize", "--model", "pretrained", "--category", CATEGORY, "--n", "2000", "--rows-per-file", "100",
             "--out", f"{s3_bucket}/syn", *SLOW]
-    env = {**os.environ, "AWS_ENDPOINT_URL": outage.endpoint}
+    env, sentinel = secret_env(outage)
     proc = f2m(args, tmp_path, env)
     wait_for(lambda: sum(k.endswith(".parquet") for k in objects(bucket, "syn")) >= 3, "3 files on S3", proc)
     outage.cut()
     start = time.time()
-    _, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=120)
+    console = stdout + stderr
     lines = error_lines(stderr)
     assert proc.returncode == 1 and time.time() - start < 60, stderr
     assert lines[-1].startswith("Error: synthesis failed: ") and "finished files are kept, run again with --resume" \
@@ -206,6 +223,7 @@ def test_s3_gone_mid_synthesis_is_one_line_and_resume_finishes_the_same_bytes(ou
     resumed = f2m([*args, "--resume"], tmp_path, env)
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0 and "kept" in stdout, stderr
+    assert_written_nowhere(sentinel, console + stdout + stderr, bucket, "syn", tmp_path)
     synthesize(SynthesisConfig(categories=(CATEGORY,), n=2000, out=str(tmp_path / "calm"), model="pretrained",
                                rows_per_file=100, min_seed_distance=5.0, max_attempts=4, executor="in-process"),
                report=None)
@@ -216,8 +234,8 @@ def test_s3_gone_mid_synthesis_is_one_line_and_resume_finishes_the_same_bytes(ou
 @pytest.mark.s3
 def test_s3_gone_mid_training_is_one_line_and_the_same_command_resumes(outage, s3_bucket, tmp_path):
     args = ["train", "--preset", "tiny", "--data", "phantom:200", "--epochs", "4", "--checkpoint-every", "1",
-            "--storage", f"{s3_bucket}/runs", "--name", "gone", "--no-bank", "--max-failures", "0"]
-    env = {**os.environ, "AWS_ENDPOINT_URL": outage.endpoint}
+            "--storage", f"{s3_bucket}/runs", "--name", "gone", "--max-failures", "0"]
+    env, sentinel = secret_env(outage)
     proc = f2m(args, tmp_path, env)
 
     def epochs() -> list[int]:  # read from the server directly, as the run left them
@@ -229,13 +247,15 @@ def test_s3_gone_mid_training_is_one_line_and_the_same_command_resumes(outage, s
     wait_for(lambda: 2 in epochs(), "epoch 2 on S3", proc, seconds=240)
     outage.cut()
     start = time.time()
-    _, stderr = proc.communicate(timeout=180)
+    stdout, stderr = proc.communicate(timeout=180)
+    console = stdout + stderr
     errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
     assert proc.returncode == 1 and time.time() - start < 120 and "Traceback" not in stderr, stderr
     assert len(errors) == 1 and "training failed" in errors[0], stderr
     outage.restore()
     again = f2m(args, tmp_path, env)
     stdout, stderr = again.communicate(timeout=300)
+    console += stdout + stderr
     assert again.returncode == 0 and "resuming run" in stdout, stdout + stderr
     assert epochs() == [1, 2, 3, 4]
     # What the run left on S3 is a whole run: checkpoints with optimizer state, metrics, the loss curve.
@@ -246,3 +266,8 @@ def test_s3_gone_mid_training_is_one_line_and_the_same_command_resumes(outage, s
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [rows[0]["step"] * e for e in (1, 2, 3, 4)] and rows[0]["step"] > 0
     assert load_checkpoint(run_dir, with_optimizer=True).optim_state is not None
+    # A model on S3, synthesized from into a local folder: the key stays out of that too.
+    local = f2m(["synthesize", "--model", run_dir, "--category", CATEGORY, "--n", "20", "--out", "local"], tmp_path, env)
+    stdout, stderr = local.communicate(timeout=120)
+    assert local.returncode == 0 and (tmp_path / "local" / "_manifest.json").is_file(), stderr
+    assert_written_nowhere(sentinel, console + stdout + stderr, s3_bucket[len("s3://"):], "runs", tmp_path)

@@ -73,6 +73,13 @@ def test_the_ray_dataset_gives_decoded_images_as_torch_batches(dataset, ray_loca
     assert got == expected  # every mass once, the same pixels and labels as the torch Dataset
     raw = open_synthetic(str(dataset), columns=["sample_id", "category"])
     assert raw.count() == 80 and sorted(raw.schema().names) == ["category", "sample_id"]
+    # One category, in a spelling the command line accepts; unknown or absent ones are errors, never 0 rows.
+    alias = open_synthetic(str(dataset), columns=["category"], categories=[CATEGORY.replace("spiculated", "spiculate").upper()])
+    assert {row["category"] for row in alias.take_all()} == {CATEGORY} and alias.count() == 40
+    with pytest.raises(F2MError, match="unknown category 'spiky'"):
+        open_synthetic(str(dataset), categories=["spiky"])
+    with pytest.raises(F2MError, match="holds no masses of obscured-round; it holds circumscribed-oval, spiculated-irregular"):
+        open_synthetic(str(dataset), categories=["obscured-round"])
 
 
 def test_inspect_counts_and_sheet_images(dataset):
