@@ -12,7 +12,7 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from f2m_ray.errors import F2MError
+from f2m_ray.errors import F2MError, first_line
 
 
 def is_remote(path: str) -> bool:
@@ -76,3 +76,34 @@ def join(base: str, *parts: str) -> str:
     if is_remote(base):
         return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
     return os.path.join(base, *parts)
+
+
+def quick_s3(path: str):
+    """An s3fs filesystem for `path` that fails fast (one attempt, short timeouts)."""
+    import s3fs
+
+    options = storage_options(path)
+    options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 1}}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    fs.retries = 1
+    return fs
+
+
+def probe_storage(path: str, what: str) -> None:
+    """Fail early, in one line, when an s3:// path is unreachable or refused."""
+    if not str(path).startswith("s3://"):
+        return
+    fs = quick_s3(path)
+    bucket = path[len("s3://"):].split("/", 1)[0]
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)  # one request, whatever the bucket holds
+    except FileNotFoundError:
+        raise F2MError(f"{what} {path}: bucket {bucket!r} does not exist") from None
+    except PermissionError as err:
+        raise F2MError(f"{what} {path}: S3 refused access ({first_line(err)}); check the credentials") from None
+    except Exception as err:  # botocore's connection errors are not OSErrors
+        if type(err).__name__ == "NoCredentialsError":  # botocore looks for keys before it connects
+            raise F2MError(f"{what} {path}: no S3 credentials found (set AWS_ACCESS_KEY_ID and "
+                           f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)") from None
+        endpoint = s3_endpoint() or "the default AWS endpoint"
+        raise F2MError(f"{what} {path}: cannot reach S3 at {endpoint} ({first_line(err)})") from None

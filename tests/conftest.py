@@ -155,6 +155,29 @@ def command_line(pid: int) -> str:
         return ""
 
 
+def _submit_or_none(client, entrypoint: str) -> str | None:
+    try:
+        return client.submit_job(entrypoint=entrypoint)
+    except RuntimeError as err:  # "No available agent to submit job, please try again later"
+        if "try again" in str(err):
+            return None
+        raise
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One `ray start` cluster for the session's cluster and fault tests: a head with no CPUs and two
+    worker nodes of 2 CPUs (a fault test that takes a node away puts a fresh one in its place)."""
+    cluster = LocalCluster(head_cpus=0)
+    try:
+        cluster.add_node(cpus=2)
+        cluster.add_node(cpus=2)
+        cluster.wait_for_jobs()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 class LocalCluster:
     """A Ray cluster as `ray start` makes one: a head (with the job server) and worker nodes on loopback.
 
@@ -194,6 +217,14 @@ class LocalCluster:
             if time.time() > deadline or self.head.poll() is not None:
                 raise RuntimeError(f"{what} did not come up within {seconds:.0f} s (logs in {self.temp})")
             time.sleep(0.5)
+
+    def wait_for_jobs(self, seconds: float = 120.0) -> None:
+        """Until the head's job agent takes a job (it comes up after the job server answers)."""
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(self.dashboard)
+        job = self._wait(lambda: _submit_or_none(client, "python -c pass"), "the job agent", seconds)
+        self._wait(lambda: client.get_job_status(job) in (JobStatus.SUCCEEDED, JobStatus.FAILED), "a first job", seconds)
 
     def alive_nodes(self) -> int:
         nodes = _http_json(f"{self.dashboard}/nodes?view=summary")["data"]["summary"]

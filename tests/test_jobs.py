@@ -1,6 +1,6 @@
 """The cluster path as users run it: `ray job submit -- python jobs/...` on a `ray start` cluster.
 
-The cluster has no oversubscribed CPU slots (a head with none, one worker node with 2), so a
+The cluster has no oversubscribed CPU slots (a head with none, two worker nodes with 2), so a
 step that leaves resources held, or a pool of actors that takes every CPU its own input tasks
 need, waits forever here where embedded Ray would not. Each job must finish SUCCEEDED with its
 outputs, and print our lines, not Ray's.
@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import LocalCluster
+from conftest import LocalCluster  # noqa: F401  (the type of the session's ray_cluster)
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISE = ("Reporting training result", "TrainingReport(", "core_worker.cc", "Traceback", "RayDeprecationWarning",
@@ -28,13 +28,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    cluster = LocalCluster(head_cpus=0)
-    try:
-        cluster.add_node(cpus=2)
-        yield cluster
-    finally:
-        cluster.stop()
+def cluster(ray_cluster):
+    return ray_cluster
 
 
 def submit(cluster: LocalCluster, script: str, *args: str, env: dict[str, str] | None = None,
@@ -80,10 +75,10 @@ def test_a_job_that_cannot_get_its_cpus_says_so_in_one_line_in_bounded_time(clus
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard)
-    blocker = client.submit_job(entrypoint=(
+    blocker = client.submit_job(entrypoint=(  # an actor of 2 CPUs on each worker node
         "python -c \"import ray, time; ray.init(); "
-        "h = ray.remote(num_cpus=2)(type('Hold', (), {'ready': lambda self: 1})).remote(); "
-        "ray.get(h.ready.remote()); print('holding', flush=True); time.sleep(600)\""))
+        "hold = [ray.remote(num_cpus=2)(type('Hold', (), {'ready': lambda self: 1})).remote() for _ in range(2)]; "
+        "ray.get([h.ready.remote() for h in hold]); print('holding', flush=True); time.sleep(600)\""))
     try:
         deadline = time.time() + 60
         while "holding" not in client.get_job_logs(blocker):
@@ -97,6 +92,6 @@ def test_a_job_that_cannot_get_its_cpus_says_so_in_one_line_in_bounded_time(clus
         client.stop_job(blocker)
     errors = [line for line in logs.splitlines() if line.startswith("Error:")]
     assert status == "FAILED" and took < 90, (took, logs)
-    assert len(errors) == 1 and "encoding: nothing from the workers for 8 s while the Ray cluster has 0 of 2 CPUs free" \
+    assert len(errors) == 1 and "encoding: nothing from the workers for 8 s while the Ray cluster has 0 of 4 CPUs free" \
         in errors[0], logs
     assert "Traceback" not in logs and not (tmp_path / "b.parquet").exists()

@@ -99,7 +99,8 @@ def test_actors_that_read_from_tasks_leave_a_cluster_cpu_for_them(monkeypatch):
     assert actors.plan_actors(10, workers=1, upstream_tasks=True) == actors.ActorPlan(1, 2, 2.0, 0)
 
 
-def test_a_wait_for_resources_that_never_come_ends_in_one_line(monkeypatch):
+def test_a_wait_for_resources_that_never_come_ends_in_one_line(monkeypatch, ray_local):
+    """With Ray running in this process (its signal handlers installed), as in a command."""
     import ray
 
     from f2m_ray.errors import F2MError

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _thread
 import ctypes
 import math
 import os
@@ -131,9 +130,10 @@ class ResourceWatch:
     Ray queues an actor or task that asks for more than is free for as long as it takes (on an
     autoscaling cluster new nodes may come). A command that has heard nothing from its workers
     for F2M_RESOURCE_WAIT_S seconds (300) while the cluster has no CPU free (or fewer GPUs than
-    one worker asks for) stops: the main thread gets a KeyboardInterrupt, turned into an
-    F2MError naming what it waited for and what the cluster holds. Use as a context manager
-    around the loop that receives the workers' results; call `heard()` for each one.
+    one worker asks for) stops: the thread that entered the watch gets a `ResourceWaitExpired`
+    raised into it (a KeyboardInterrupt, so that no `except Exception` on the way swallows it),
+    turned into an F2MError naming what it waited for and what the cluster holds. Use as a
+    context manager around the loop that receives the workers' results; call `heard()` for each.
     """
 
     def __init__(self, what: str, gpus: float = 0.0, seconds: float | None = None):
@@ -142,6 +142,7 @@ class ResourceWatch:
         self.message: str | None = None
         self._last = time.monotonic()
         self._done = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._watch, name="f2m-resource-watch", daemon=True)
 
     def heard(self) -> None:
@@ -169,15 +170,26 @@ class ResourceWatch:
             self.message = (f"{self.what}: nothing from the workers for {self.seconds:.0f} s while the Ray cluster "
                             f"has {short}; other work holds them (see `ray status`), or the cluster is too small. "
                             f"Stopped waiting ({RESOURCE_WAIT_ENV} sets how long)")
-            _thread.interrupt_main()
+            with self._lock:  # not once the watched block has ended
+                if not self._done.is_set():
+                    # Raised in the waiting thread at its next Python instruction, whatever signal
+                    # handlers Ray or a test runner installed (which a simulated Ctrl-C would go through).
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._waiter),
+                                                               ctypes.py_object(ResourceWaitExpired))
             return
 
     def __enter__(self) -> "ResourceWatch":
+        self._waiter = threading.get_ident()
         self._thread.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._done.set()
+        with self._lock:
+            self._done.set()
         self._thread.join()
-        if self.message and exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+        if self.message and exc_type is not None and issubclass(exc_type, ResourceWaitExpired):
             raise F2MError(self.message) from None
+
+
+class ResourceWaitExpired(KeyboardInterrupt):
+    """What a ResourceWatch raises into the thread it watches when the wait is given up."""

@@ -44,7 +44,7 @@ from f2m_ray.errors import F2MError, first_line
 from f2m_ray.runtime.env import worker_env
 from f2m_ray.runtime.errors import ray_error_line, unwrap_training_error
 from f2m_ray.runtime.trainer import check_resources, cpu_per_worker, storage_args
-from f2m_ray.storage import join
+from f2m_ray.storage import join, probe_storage
 from f2m_ray.train.report import LOSS_CURVE_FILE, format_epoch_line, format_restart_line, read_metrics
 from f2m_ray.train.data import prepare_data
 from f2m_ray.train.options import RunOptions, check_train_config, fresh_listing, check_storage, existing_checkpoint
@@ -246,13 +246,14 @@ def _training_failed(err: Exception, run_dir: str, restarts: int, max_failures: 
     if isinstance(inner, F2MError):
         return F2MError(str(inner))
     try:
+        probe_storage(run_dir, "the run folder")  # one quick request: a store that is gone costs no retries
         fresh_listing(run_dir)
         last = existing_checkpoint(run_dir)
         where = (f"the last checkpoint is {last['path']} (epoch {last['epoch']}): the same command resumes from it"
                  if last else "no checkpoint was written")
     except Exception as listing:  # the storage itself may be what failed (botocore errors are not OSErrors)
-        where = (f"the checkpoints in {run_dir} cannot be listed now ({first_line(listing)}); once the storage "
-                 f"answers, the same command resumes from the last one")
+        where = (f"its checkpoints cannot be listed now ({first_line(listing)}); once the storage answers, "
+                 f"the same command resumes from the last one")
     return F2MError(f"training failed after {restarts} of {max_failures} restarts: "
                     f"{type(inner).__name__}: {ray_error_line(inner)}; {where}")
 
