@@ -29,18 +29,20 @@ from f2m_ray.bank import default_bank_path, load_feature_bank  # noqa: E402
 from f2m_ray.checkpoint import find_checkpoint, load_generator  # noqa: E402
 from f2m_ray.config import PRESETS  # noqa: E402
 from f2m_ray.core.images import to_model_range, to_uint8  # noqa: E402
+from f2m_ray.core.inference import inference_decoder  # noqa: E402
 from f2m_ray.core.mixing import mix_rows  # noqa: E402
 from f2m_ray.core.networks import Generator  # noqa: E402
 from f2m_ray.labels import parse_category  # noqa: E402
+from f2m_ray.runtime.actors import keep_large_allocations  # noqa: E402
 
 BATCH = 64
 
 
-def decode(generator, features: np.ndarray, bf16: bool) -> np.ndarray:
+def decode(decoder, features: np.ndarray, bf16: bool) -> np.ndarray:
     out = []
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(features), BATCH):
-            out.append(generator.decode(torch.from_numpy(features[i:i + BATCH])).float().numpy()[:, 0])
+            out.append(decoder(torch.from_numpy(features[i:i + BATCH])).float().numpy()[:, 0])
     return to_uint8(np.concatenate(out))
 
 
@@ -88,10 +90,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    keep_large_allocations()  # as every synthesis actor does
     checkpoint = find_checkpoint(args.model)
     generator, meta = load_generator(checkpoint)
-    paper = Generator(PRESETS["paper"].model).eval()
-    print(f"decode on 1 thread, batch {BATCH}, medians of {args.rounds} interleaved rounds (ms per mass):")
+    generator = inference_decoder(generator.decoder)  # what synthesis decodes with
+    paper = inference_decoder(Generator(PRESETS["paper"].model).eval().decoder)
+    print(f"decode on 1 thread ({torch.backends.cpu.get_cpu_capability()}), batch {BATCH}, the synthesis decoder, "
+          f"medians of {args.rounds} interleaved rounds (ms per mass):")
     for name, net, dim in (("small (shipped)", generator, meta["preset"]["model"]["feature_dim"]),
                            ("paper", paper, PRESETS["paper"].model.feature_dim)):
         t = speed(net, dim, args.rounds)

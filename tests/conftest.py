@@ -202,8 +202,13 @@ class LocalCluster:
 
     def _start(self, args: list[str]) -> subprocess.Popen:
         log = open(os.path.join(self.temp, f"ray-start-{len(self.nodes)}.log"), "w")
+        # Every node on this machine needs ports of its own: the agents' defaults (52365, ...) would
+        # collide between nodes, and between clusters of parallel test workers.
+        ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                          "runtime-env-agent-port", "metrics-export-port",
+                                                          "node-manager-port", "object-manager-port")]
         return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--temp-dir", self.temp,
-                                 "--disable-usage-stats", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                                 "--disable-usage-stats", *ports, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def _wait(self, probe, what: str, seconds: float = 90.0):
         deadline = time.time() + seconds

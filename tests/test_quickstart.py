@@ -107,8 +107,7 @@ def test_no_ray_alarm_or_dump_in_the_console_of_a_successful_run(tmp_path):
         ["synthesize", "--model", "pretrained", "--category", "spiculated-irregular", "--n", "60", "--out", "syn",
          "--executor", "ray"],  # the Ray console: a run this small would otherwise stay in its own process
         ["evaluate", "--synthetic", "syn", "--real", "phantom:200", "--judge", "judge", "--out", "report",
-         "--usefulness-steps", "4", "--usefulness-real", "12", "--usefulness-synthetic", "30",
-         "--usefulness-protocol", "classic", "--usefulness-seeds", "1"],
+         "--no-usefulness"],  # its Ray tasks: test_evaluate (CLI end to end, and against the in-process runner)
     ]
     for args in steps:
         code, lines = run_timed(args, tmp_path)
