@@ -37,6 +37,7 @@ CATEGORY = "spiculated-irregular"
 # Every candidate fails an impossible distance guard, so each mass decodes 4 candidates: a file
 # takes long enough (about 1 s) for a fault to land mid-run. The guard is part of the run's bytes.
 SLOW = ["--min-seed-distance", "5", "--max-attempts", "4"]
+N, ROWS_PER_FILE = 1600, 100  # 16 files: a fault lands with most of the run still to do
 
 pytestmark = [pytest.mark.faults, pytest.mark.ray]
 
@@ -71,6 +72,17 @@ def cluster(ray_cluster):
     return ray_cluster
 
 
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory) -> dict[str, bytes]:
+    """The Parquet files of the faults' synthesis run left alone: the same actor code in this process
+    (its bytes equal those of any actor count)."""
+    out = tmp_path_factory.mktemp("undisturbed") / "calm"
+    synthesize(SynthesisConfig(categories=(CATEGORY,), n=N, out=str(out), model="pretrained",
+                               rows_per_file=ROWS_PER_FILE, min_seed_distance=5.0, max_attempts=4,
+                               executor="in-process"), report=None)
+    return tree(out)
+
+
 def kill_the_node_running(cluster: LocalCluster, actor: str) -> None:
     """Take away (without grace) a worker node on which an `actor` process runs; put a fresh node in its place."""
     node = next(n for n in cluster.nodes if cluster.processes(n, actor))
@@ -79,10 +91,9 @@ def kill_the_node_running(cluster: LocalCluster, actor: str) -> None:
 
 
 @pytest.mark.cluster
-def test_a_node_lost_mid_synthesis_leaves_exactly_the_bytes_of_an_undisturbed_run(cluster, tmp_path):
-    n, rows_per_file = 2000, 100
-    args = ["synthesize", "--model", "pretrained", "--category", CATEGORY, "--n", str(n), "--rows-per-file",
-            str(rows_per_file), "--workers", "2", *SLOW]
+def test_a_node_lost_mid_synthesis_leaves_exactly_the_bytes_of_an_undisturbed_run(cluster, undisturbed, tmp_path):
+    args = ["synthesize", "--model", "pretrained", "--category", CATEGORY, "--n", str(N), "--rows-per-file",
+            str(ROWS_PER_FILE), "--workers", "2", *SLOW]
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     proc = f2m([*args, "--out", "lost"], tmp_path, env)
     folder = tmp_path / "lost" / CATEGORY
@@ -90,16 +101,12 @@ def test_a_node_lost_mid_synthesis_leaves_exactly_the_bytes_of_an_undisturbed_ru
     kill_the_node_running(cluster, "ShardSynthesizer")
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
-    assert f"wrote {n} masses in 20 files" in stdout and "joined the Ray cluster" in stderr, stdout + stderr
+    assert f"wrote {N} masses in 16 files" in stdout and "joined the Ray cluster" in stderr, stdout + stderr
     manifest = json.loads((tmp_path / "lost" / "_manifest.json").read_text())
-    assert manifest["counts"] == {CATEGORY: n}
+    assert manifest["counts"] == {CATEGORY: N}
     ids = [i for f in sorted(folder.glob("*.parquet")) for i in pq.read_table(f, columns=["sample_id"])["sample_id"].to_pylist()]
-    assert len(ids) == len(set(ids)) == n
-    # The undisturbed run: the same actor code in this process (its bytes equal any actor count's).
-    synthesize(SynthesisConfig(categories=(CATEGORY,), n=n, out=str(tmp_path / "calm"), model="pretrained",
-                               rows_per_file=rows_per_file, min_seed_distance=5.0, max_attempts=4,
-                               executor="in-process"), report=None)
-    assert tree(tmp_path / "lost") == tree(tmp_path / "calm")
+    assert len(ids) == len(set(ids)) == N
+    assert tree(tmp_path / "lost") == undisturbed
 
 
 @pytest.mark.cluster
@@ -107,15 +114,15 @@ def test_a_node_lost_mid_encoding_leaves_the_same_bank(cluster, tmp_path, ray_lo
     from f2m_ray.synth.encode import build_feature_bank
 
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
-    proc = f2m(["encode", "--model", "pretrained", "--data", "phantom:3000", "--out", "lost.parquet"], tmp_path, env)
+    proc = f2m(["encode", "--model", "pretrained", "--data", "phantom:2000", "--out", "lost.parquet"], tmp_path, env)
     wait_for(lambda: any(cluster.processes(n, "_Encoder") for n in cluster.nodes), "an encoder actor", proc)
     time.sleep(1.0)  # let it take its first batches
     kill_the_node_running(cluster, "_Encoder")
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
-    calm = build_feature_bank("pretrained", "phantom:3000", out=str(tmp_path / "calm.parquet"))  # this session's Ray
+    calm = build_feature_bank("pretrained", "phantom:2000", out=str(tmp_path / "calm.parquet"))  # this session's Ray
     lost, reference = load_feature_bank(str(tmp_path / "lost.parquet")), load_feature_bank(calm)
-    assert len(lost.roi_id) == 3000 and list(lost.roi_id) == list(reference.roi_id)
+    assert len(lost.roi_id) == 2000 and list(lost.roi_id) == list(reference.roi_id)
     assert np.array_equal(lost.features, reference.features) and lost.bank_id == reference.bank_id
 
 
@@ -206,10 +213,10 @@ def objects(bucket: str, prefix: str) -> dict[str, bytes]:
 
 
 @pytest.mark.s3
-def test_s3_gone_mid_synthesis_is_one_line_and_resume_finishes_the_same_bytes(outage, s3_bucket, tmp_path):
+def test_s3_gone_mid_synthesis_is_one_line_and_resume_finishes_the_same_bytes(outage, s3_bucket, undisturbed, tmp_path):
     bucket = s3_bucket[len("s3://"):]
-    args = ["synthesize", "--model", "pretrained", "--category", CATEGORY, "--n", "2000", "--rows-per-file", "100",
-            "--out", f"{s3_bucket}/syn", *SLOW]
+    args = ["synthesize", "--model", "pretrained", "--category", CATEGORY, "--n", str(N), "--rows-per-file",
+            str(ROWS_PER_FILE), "--out", f"{s3_bucket}/syn", *SLOW]
     env, sentinel = secret_env(outage)
     proc = f2m(args, tmp_path, env)
     wait_for(lambda: sum(k.endswith(".parquet") for k in objects(bucket, "syn")) >= 3, "3 files on S3", proc)
@@ -227,11 +234,8 @@ def test_s3_gone_mid_synthesis_is_one_line_and_resume_finishes_the_same_bytes(ou
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0 and "kept" in stdout, stderr
     assert_written_nowhere(sentinel, console + stdout + stderr, bucket, "syn", tmp_path)
-    synthesize(SynthesisConfig(categories=(CATEGORY,), n=2000, out=str(tmp_path / "calm"), model="pretrained",
-                               rows_per_file=100, min_seed_distance=5.0, max_attempts=4, executor="in-process"),
-               report=None)
     on_s3 = {k: v for k, v in objects(bucket, "syn").items() if k.endswith(".parquet")}
-    assert on_s3 == tree(tmp_path / "calm") and len(on_s3) == 20
+    assert on_s3 == undisturbed and len(on_s3) == 16
 
 
 @pytest.mark.s3
