@@ -240,7 +240,7 @@ def test_s3_gone_mid_synthesis_is_one_line_and_resume_finishes_the_same_bytes(ou
 
 @pytest.mark.s3
 def test_s3_gone_mid_training_is_one_line_and_the_same_command_resumes(outage, s3_bucket, tmp_path):
-    args = ["train", "--preset", "tiny", "--data", "phantom:200", "--epochs", "6", "--checkpoint-every", "1",
+    args = ["train", "--preset", "tiny", "--data", "phantom:200", "--epochs", "3", "--checkpoint-every", "1",
             "--storage", f"{s3_bucket}/runs", "--name", "gone", "--max-failures", "0", "--no-bank"]
     env, sentinel = secret_env(outage)
     proc = f2m(args, tmp_path, env)
@@ -251,7 +251,7 @@ def test_s3_gone_mid_training_is_one_line_and_the_same_command_resumes(outage, s
         except (OSError, ValueError):
             return []
 
-    wait_for(lambda: 2 in epochs(), "epoch 2 on S3", proc, seconds=240)
+    wait_for(lambda: 1 in epochs(), "epoch 1 on S3", proc, seconds=240)
     outage.cut()
     start = time.time()
     stdout, stderr = proc.communicate(timeout=240)
@@ -264,13 +264,13 @@ def test_s3_gone_mid_training_is_one_line_and_the_same_command_resumes(outage, s
     stdout, stderr = again.communicate(timeout=300)
     console += stdout + stderr
     assert again.returncode == 0 and "resuming run" in stdout, stdout + stderr
-    assert epochs() == [1, 2, 3, 4, 5, 6]
+    assert epochs() == [1, 2, 3]
     # What the run left on S3 is a whole run: checkpoints with optimizer state, metrics, the loss curve.
     run_dir = f"{s3_bucket}/runs/gone"
     names = {key.split("/", 1)[0] for key in objects(s3_bucket[len("s3://"):], "runs/gone")}
-    assert {"checkpoint_epoch_000006", "metrics.jsonl", "loss_curve.png", "samples"} <= names
-    assert find_checkpoint(run_dir) == f"{run_dir}/checkpoint_epoch_000006"
+    assert {"checkpoint_epoch_000003", "metrics.jsonl", "loss_curve.png", "samples"} <= names
+    assert find_checkpoint(run_dir) == f"{run_dir}/checkpoint_epoch_000003"
     rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [rows[0]["step"] * e for e in range(1, 7)] and rows[0]["step"] > 0
+    assert [r["step"] for r in rows] == [rows[0]["step"] * e for e in (1, 2, 3)] and rows[0]["step"] > 0
     assert load_checkpoint(run_dir, with_optimizer=True).optim_state is not None
     assert_written_nowhere(sentinel, console, s3_bucket[len("s3://"):], "runs", tmp_path)
