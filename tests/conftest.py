@@ -115,6 +115,12 @@ def s3_bucket(s3_server):
     yield f"s3://{name}"
 
 
+def pytest_collection_modifyitems(items):
+    """The tests on the `ray start` cluster run last: the cluster (three raylets and their agents) then
+    lives only while it is used, not beside the rest of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)  # stable: file order kept
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_RAY_TMP, ignore_errors=True)
 
