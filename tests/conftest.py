@@ -255,36 +255,24 @@ class LocalCluster:
         """The node is lost: its raylet SIGKILLed (its workers see it go and exit), then the rest of it ended."""
         for pid in self.processes(node, "raylet/raylet"):
             os.kill(pid, 9)
-        self._end(node)
-        self.nodes.remove(node)
-
-    @staticmethod
-    def _end(proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def stop(self) -> None:
-        everything = [*self.nodes, self.head]
-        leftovers = [pid for node in everything for pid in _children(node.pid)]
-        for node in everything:
-            node.terminate()
-        deadline = time.time() + 15
-        for node in everything:
-            try:
-                node.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait()
-        for pid in leftovers:  # anything `ray start` did not take down with it
+        for pid in [*_children(node.pid), node.pid]:  # the rest of it, as abruptly
             try:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
+        node.wait()
+        self.nodes.remove(node)
+
+    def stop(self) -> None:
+        """Every process of the cluster SIGKILLed: nothing of it is kept, so nothing needs a graceful end."""
+        everything = [*self.nodes, self.head]
+        for pid in [pid for node in everything for pid in _children(node.pid)] + [node.pid for node in everything]:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        for node in everything:
+            node.wait()
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
