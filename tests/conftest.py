@@ -153,6 +153,15 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _kill(pids: list[int]) -> None:
+    """SIGKILL each of `pids` that is still there."""
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
 def command_line(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -209,7 +218,7 @@ class LocalCluster:
     def _start(self, args: list[str]) -> subprocess.Popen:
         log = open(os.path.join(self.temp, f"ray-start-{len(self.nodes)}.log"), "w")
         # Every node on this machine needs ports of its own: the agents' defaults (52365, ...) would
-        # collide between nodes, and between clusters of parallel test workers.
+        # collide between nodes.
         ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                           "runtime-env-agent-port", "metrics-export-port",
                                                           "node-manager-port", "object-manager-port")]
@@ -253,24 +262,15 @@ class LocalCluster:
 
     def kill_node(self, node: subprocess.Popen) -> None:
         """The node is lost: its raylet SIGKILLed (its workers see it go and exit), then the rest of it ended."""
-        for pid in self.processes(node, "raylet/raylet"):
-            os.kill(pid, 9)
-        for pid in [*_children(node.pid), node.pid]:  # the rest of it, as abruptly
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
+        _kill(self.processes(node, "raylet/raylet"))
+        _kill([*_children(node.pid), node.pid])  # the rest of it, as abruptly
         node.wait()
         self.nodes.remove(node)
 
     def stop(self) -> None:
         """Every process of the cluster SIGKILLed: nothing of it is kept, so nothing needs a graceful end."""
         everything = [*self.nodes, self.head]
-        for pid in [pid for node in everything for pid in _children(node.pid)] + [node.pid for node in everything]:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
+        _kill([pid for node in everything for pid in _children(node.pid)] + [node.pid for node in everything])
         for node in everything:
             node.wait()
         shutil.rmtree(self.temp, ignore_errors=True)

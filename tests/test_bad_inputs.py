@@ -100,16 +100,14 @@ def workdir(tmp_path_factory):
     index = table.schema.get_field_index("feature")
     pq.write_table(table.set_column(index, table.schema.field("feature"), column), root / "nan_bank.parquet")
     # A bank that claims another model: the shipped bank's rows under another model id.
-    meta = {k: v for k, v in (table.schema.metadata or {}).items()}
-    import json as _json
-
+    meta = dict(table.schema.metadata or {})
     for key, value in meta.items():
         try:
-            info = _json.loads(value)
+            info = json.loads(value)
         except ValueError:
             continue
         if isinstance(info, dict) and "model_id" in info:
-            meta[key] = _json.dumps({**info, "model_id": "0123456789abcdef"}).encode()
+            meta[key] = json.dumps({**info, "model_id": "0123456789abcdef"}).encode()
     pq.write_table(table.replace_schema_metadata(meta), root / "other_model_bank.parquet")
     # Files crafted to run code when unpickled: loading must refuse them without running it.
     payload = Payload(str(root / "pwned"))

@@ -5,8 +5,9 @@
     a training worker killed mid-run                -> restart from the last checkpoint, each epoch once;
                                                        past --max-failures: one line naming the checkpoint
     the S3 server gone mid-synthesis / mid-training -> one line, exit 1, nothing that looks finished;
-                                                       back again: --resume (or the same command) finishes
-                                                       with the bytes (or the epochs) of an undisturbed run
+                                                       synthesis, S3 back: --resume finishes with the bytes of
+                                                       an undisturbed run; training: S3 holds a whole
+                                                       checkpoint to resume from, each epoch once
 
 The node faults run on a cluster of `ray start` processes on this machine (a head with no
 CPUs, two worker nodes of 2 CPUs), the commands as users run them, in their own processes.

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import LocalCluster  # noqa: F401  (the type of the session's ray_cluster)
+from conftest import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISE = ("Reporting training result", "TrainingReport(", "core_worker.cc", "Traceback", "RayDeprecationWarning",

@@ -612,6 +612,7 @@ def test_bf16_decoding_stays_within_a_grey_level_keeps_the_labels_and_is_its_own
     judge trained on phantoms reads nine masses in ten or more the same way in both, and label fidelity moves by
     less than 0.01."""
     from f2m_ray.evaluation import judge as judge_module
+    from test_judge import TINY as TINY_JUDGE
 
     shipped = dict(categories=PRECISION_CATEGORIES, n=128, model="pretrained", rows_per_file=128)
     previous = torch.get_num_threads()
@@ -628,25 +629,25 @@ def test_bf16_decoding_stays_within_a_grey_level_keeps_the_labels_and_is_its_own
         data = judge_module.LabeledArrays(ids, to_model_range(np.stack([im for _, im, _ in rows])),
                                           np.array([c.margin_id for *_, c in rows]),
                                           np.array([c.shape_id for *_, c in rows]), np.array(["train"] * len(rows)))
-        narrow = judge_module.JudgeConfig(stem_channels=4, channels=(8, 8, 16, 16), feature_dim=16, dropout=0.0)
-        judge, _ = judge_module.train_judge(data, narrow, judge_module.JudgeTrainConfig(epochs=3, batch_size=32,
-                                                                                       lr=3e-3, seed=0))
+        judge, _ = judge_module.train_judge(data, TINY_JUDGE, judge_module.JudgeTrainConfig(epochs=3, batch_size=32,
+                                                                                           lr=3e-3, seed=0))
+        decoded = {name: _labeled_images(tmp_path / name) for name in ("fp32", "bf16", "bf16-2")}
         fidelity, read = {}, {}
         for name in ("fp32", "bf16"):
-            images, margins, shapes = _labeled_images(tmp_path / name)
+            images, margins, shapes = decoded[name]
             predicted = judge_module.predict(judge, to_model_range(images))
             fidelity[name] = float(np.mean((predicted.margin == margins) & (predicted.shape == shapes)))
             read[name] = predicted.margin * 10 + predicted.shape
     finally:
         torch.set_num_threads(previous)
-    fp32, bf16 = (_labeled_images(tmp_path / name)[0].astype(np.int16) for name in ("fp32", "bf16"))
+    fp32, bf16 = (decoded[name][0].astype(np.int16) for name in ("fp32", "bf16"))
     difference = np.abs(fp32 - bf16)
     psnr = 10 * np.log10(255.0 ** 2 / np.mean(difference.astype(np.float64) ** 2))
     assert difference.mean() < 0.25 and difference.max() <= 2 and psnr > 50, (difference.mean(), difference.max(), psnr)
     assert 0 < (difference > 0).mean() < 0.2  # bf16 really ran: some pixels differ
     assert len(set(read["fp32"])) >= 3  # the judge tells these masses apart: a change could show
     assert np.mean(read["bf16"] == read["fp32"]) >= 0.9 and abs(fidelity["bf16"] - fidelity["fp32"]) < 0.01, fidelity
-    assert np.array_equal(_labeled_images(tmp_path / "bf16-2")[0], _labeled_images(tmp_path / "bf16")[0])
+    assert np.array_equal(decoded["bf16-2"][0], decoded["bf16"][0])
     fingerprints = [json.loads((tmp_path / name / "_run.json").read_text())["fingerprint"] for name in ("fp32", "bf16")]
     assert [f["precision"] for f in fingerprints] == ["fp32", "bf16"]
     with pytest.raises(F2MError, match="cannot resume in .* it holds another run"):
