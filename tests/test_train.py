@@ -42,22 +42,45 @@ def png_size(data: bytes) -> tuple[int, int]:
     return Image.open(io.BytesIO(data)).size
 
 
-# ---------------------------------------------------------------- one local run, 2 epochs, then +1
+# ---------------------------------------------------------------- one local run: 2 epochs, then resumed to 3
 
 
 @pytest.fixture(scope="module")
 def local_run(ray_local, tmp_path_factory):
+    """2 epochs, then the same call asked for 3: the second resumes the run from its epoch-2 checkpoint."""
     storage = str(tmp_path_factory.mktemp("runs"))
+    first: list[str] = []
     lines: list[str] = []
     options = RunOptions(data="phantom:200", workers=2, storage=storage, name="local", feature_bank=False)
+    started = train(TINY.with_train(epochs=2, keep_checkpoints=2), options, echo=first.append)
     summary = train(TINY.with_train(epochs=3, keep_checkpoints=2), options, echo=lines.append)
-    return {"storage": storage, "options": options, "summary": summary, "lines": lines}
+    return {"storage": storage, "options": options, "started": started, "summary": summary, "first": first,
+            "lines": lines}
+
+
+def test_a_second_call_resumes_the_run_where_its_checkpoint_left_it(local_run):
+    run_dir = Path(local_run["storage"]) / "local"
+    assert (local_run["started"].start_epoch, local_run["started"].end_epoch) == (0, 2)
+    assert (local_run["summary"].start_epoch, local_run["summary"].end_epoch) == (2, 3)
+    assert local_run["first"][0] == f"new run {run_dir}"
+    assert local_run["lines"][0] == f"resuming run {run_dir} from epoch 2 ({run_dir}/checkpoint_epoch_000002)"
+    assert [line.split()[1] for line in local_run["lines"] if line.startswith("epoch")] == ["3/3"]
+    assert [r["event"] for r in read_metrics(str(run_dir), events=True) if "event" in r] == ["start", "start"]
+    # Adam's state came back with the weights: its step counts every step of both calls, not the last call's 5.
+    state = load_checkpoint(str(run_dir), with_optimizer=True).optim_state["generator"]["state"]
+    assert {int(v["step"]) for v in state.values()} == {3 * STEPS_PER_EPOCH}
+
+
+def test_embedded_ray_trains_without_a_preemption_watcher(local_run):
+    """A single machine has no cloud node to be drained: Ray Train's watcher would be one idle process more."""
+    from ray._private.state import actors
+
+    classes = {a["ActorClassName"] for a in actors().values()}
+    assert {"TrainController", "RayTrainWorker"} <= classes and "PreemptionWatcher" not in classes, classes
 
 
 def test_three_epochs_leave_the_last_two_checkpoints_metrics_and_pictures(local_run):
     run_dir = Path(local_run["storage"]) / "local"
-    summary = local_run["summary"]
-    assert (summary.start_epoch, summary.end_epoch) == (0, 3)
     # keep-last-2: epoch 1 was dropped when epoch 3 arrived
     assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_000002", "checkpoint_epoch_000003"]
     meta = read_metadata(str(run_dir))
@@ -74,7 +97,7 @@ def test_three_epochs_leave_the_last_two_checkpoints_metrics_and_pictures(local_
     # one row per category (20 phantom categories) of 64 px under a 16 px header
     width, height = png_size((run_dir / "samples" / "epoch_000003.png").read_bytes())
     assert height == 16 + 20 * 64
-    epoch_lines = [line for line in local_run["lines"] if line.startswith("epoch")]
+    epoch_lines = [line for line in local_run["first"] + local_run["lines"] if line.startswith("epoch")]
     assert len(epoch_lines) == 3 and "img/s" in epoch_lines[0] and "margin" in epoch_lines[0]
 
 

@@ -57,6 +57,9 @@ def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None, log_to_
         (report or (lambda text: print(text, file=sys.stderr, flush=True)))(line)
         return
     slots = num_cpus or max(LOCAL_CPU_SLOTS_MIN, 2 * (os.cpu_count() or 1))
+    # Ray Train's preemption watcher polls for cloud nodes being drained: one process more and nothing
+    # to watch on a single machine (the processes of embedded Ray inherit this environment).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
         address="local",  # never a cluster that `ray start` left behind
         log_to_driver=log_to_driver,
