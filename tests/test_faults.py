@@ -272,7 +272,7 @@ def test_s3_gone_mid_training_is_one_line_and_leaves_a_checkpoint_to_resume_from
     assert len(errors) == 1 and "training failed" in errors[0], stderr
     assert "once the storage answers, the same command resumes from the last one" in errors[0], errors[0]
     # What the run left on S3 is what a resume starts from: a whole checkpoint with optimizer state, and
-    # each finished epoch once in the metrics (resuming from a checkpoint: the worker-loss test).
+    # each finished epoch once in the metrics (resuming from one: test_train's resumed run, the worker-loss test).
     outage.restore()
     run_dir = f"{s3_bucket}/runs/gone"
     last = find_checkpoint(run_dir)
