@@ -399,7 +399,7 @@ def test_overwrite_never_deletes_what_a_run_did_not_write(model, tmp_path):
     synthesize(config(model, out, n=20, rows_per_file=20), report=None, use_ray=False)
     (out / "precious.txt").write_text("mine")
     before = sorted(p.name for p in out.rglob("*"))
-    with pytest.raises(F2MError, match=r"also holds 1 files that are not part of a synthetic dataset \(e.g. precious.txt\)"):
+    with pytest.raises(F2MError, match=r"also holds 1 file that is not part of a synthetic dataset \(e.g. precious.txt\)"):
         synthesize(config(model, out, n=20, rows_per_file=20, overwrite=True, seed=3), report=None, use_ray=False)
     assert sorted(p.name for p in out.rglob("*")) == before and (out / MANIFEST_NAME).exists()
     (out / "precious.txt").unlink()

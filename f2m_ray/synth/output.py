@@ -57,7 +57,8 @@ def prepare_output(run: ResolvedRun) -> dict[str, int]:
             raise F2MError(f"output {c.out} is not empty and is not an f2m-ray synthetic dataset; refusing to overwrite it")
         foreign = sorted(name for name in files if not _dataset_file(name) or (name == CARD_NAME and not _our_card(fs, root)))
         if foreign:
-            raise F2MError(f"output {c.out} also holds {len(foreign)} files that are not part of a synthetic dataset "
+            held = "1 file that is" if len(foreign) == 1 else f"{len(foreign)} files that are"
+            raise F2MError(f"output {c.out} also holds {held} not part of a synthetic dataset "
                            f"(e.g. {foreign[0]}); refusing to overwrite it: move them or use another --out")
         _remove(fs, join(root, MANIFEST_NAME))  # first: a half-replaced dataset must not look finished
         fs.rm(root, recursive=True)
