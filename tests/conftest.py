@@ -185,9 +185,10 @@ def ray_cluster():
     worker nodes of 2 CPUs (a fault test that takes a node away puts a fresh one in its place)."""
     cluster = LocalCluster(head_cpus=0)
     try:
-        cluster.add_node(cpus=2)
-        cluster.add_node(cpus=2)
+        cluster.add_node(cpus=2, wait=False)
+        cluster.add_node(cpus=2, wait=False)  # both nodes boot while the head's job agent comes up
         cluster.wait_for_jobs()
+        cluster.wait_for_nodes()
         yield cluster
     finally:
         cluster.stop()
@@ -210,13 +211,15 @@ class LocalCluster:
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
         self.env.pop("RAY_ADDRESS", None)
         self.nodes: list[subprocess.Popen] = []
+        self._started = 0
         self.head = self._start(["--head", "--port", str(self.port), "--dashboard-port", str(self.dashboard_port),
                                  "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
                                  "--ray-client-server-port", str(_free_port()), "--num-cpus", str(head_cpus)])
         self._wait(lambda: _http_json(f"{self.dashboard}/api/version") and self.alive_nodes() == 1, "the head")
 
     def _start(self, args: list[str]) -> subprocess.Popen:
-        log = open(os.path.join(self.temp, f"ray-start-{len(self.nodes)}.log"), "w")
+        log = open(os.path.join(self.temp, f"ray-start-{self._started}.log"), "w")
+        self._started += 1
         # Every node on this machine needs ports of its own: the agents' defaults (52365, ...) would
         # collide between nodes.
         ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -250,11 +253,16 @@ class LocalCluster:
         nodes = _http_json(f"{self.dashboard}/nodes?view=summary")["data"]["summary"]
         return sum(1 for n in nodes if n.get("raylet", {}).get("state") == "ALIVE")
 
-    def add_node(self, cpus: int) -> subprocess.Popen:
+    def add_node(self, cpus: int, wait: bool = True) -> subprocess.Popen:
         node = self._start(["--address", self.address, "--num-cpus", str(cpus)])
         self.nodes.append(node)
-        self._wait(lambda: self.alive_nodes() == 1 + len(self.nodes), "a worker node")
+        if wait:
+            self.wait_for_nodes()
         return node
+
+    def wait_for_nodes(self) -> None:
+        """Until every node started is alive."""
+        self._wait(lambda: self.alive_nodes() == 1 + len(self.nodes), "the worker nodes")
 
     def processes(self, node: subprocess.Popen, name: str) -> list[int]:
         """PIDs below `node` whose command line holds `name` (e.g. an actor's class name)."""

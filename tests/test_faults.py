@@ -251,7 +251,7 @@ def test_s3_gone_mid_synthesis_is_one_line_and_resume_finishes_the_same_bytes(ou
 @pytest.mark.s3
 def test_s3_gone_mid_training_is_one_line_and_leaves_a_checkpoint_to_resume_from(outage, s3_bucket, tmp_path):
     args = ["train", "--preset", "tiny", "--data", "phantom:200", "--epochs", "5", "--checkpoint-every", "1",
-            "--storage", f"{s3_bucket}/runs", "--name", "gone", "--max-failures", "0", "--no-bank"]
+            "--storage", f"{s3_bucket}/runs", "--name", "gone", "--max-failures", "0", "--no-bank", "--workers", "1"]
     env, sentinel = secret_env(outage)
     proc = f2m(args, tmp_path, env)
 
