@@ -185,10 +185,9 @@ def ray_cluster():
     worker nodes of 2 CPUs (a fault test that takes a node away puts a fresh one in its place)."""
     cluster = LocalCluster(head_cpus=0)
     try:
-        cluster.add_node(cpus=2, wait=False)
-        cluster.add_node(cpus=2, wait=False)  # both nodes boot while the head's job agent comes up
+        cluster.add_node(cpus=2)  # one at a time: two nodes booting at once did not always both join
+        cluster.add_node(cpus=2)
         cluster.wait_for_jobs()
-        cluster.wait_for_nodes()
         yield cluster
     finally:
         cluster.stop()
@@ -253,16 +252,11 @@ class LocalCluster:
         nodes = _http_json(f"{self.dashboard}/nodes?view=summary")["data"]["summary"]
         return sum(1 for n in nodes if n.get("raylet", {}).get("state") == "ALIVE")
 
-    def add_node(self, cpus: int, wait: bool = True) -> subprocess.Popen:
+    def add_node(self, cpus: int) -> subprocess.Popen:
         node = self._start(["--address", self.address, "--num-cpus", str(cpus)])
         self.nodes.append(node)
-        if wait:
-            self.wait_for_nodes()
+        self._wait(lambda: self.alive_nodes() == 1 + len(self.nodes), "a worker node")
         return node
-
-    def wait_for_nodes(self) -> None:
-        """Until every node started is alive."""
-        self._wait(lambda: self.alive_nodes() == 1 + len(self.nodes), "the worker nodes")
 
     def processes(self, node: subprocess.Popen, name: str) -> list[int]:
         """PIDs below `node` whose command line holds `name` (e.g. an actor's class name)."""
