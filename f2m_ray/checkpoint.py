@@ -3,7 +3,9 @@
     CKPT/
       f2m_checkpoint.json   format version, tool version, preset (model/loss/train config),
                             BI-RADS vocabulary, epoch, step, model id, extra run info
-      model.pt              {"generator", "d_margin", "d_shape"}: state dicts (tensors only)
+      model.pt              {"generator", "d_margin", "d_shape"[, "generator_ema"]}: state dicts (tensors only);
+                            "generator_ema", when training kept one (TrainConfig.ema_kimg), is the
+                            average of G's weights that encoding and synthesis use
       optim.pt              {"generator", "discriminators"}: optimizer state dicts
 
 Loading never executes code: ``torch.load(weights_only=True)`` on plain tensor dicts,
@@ -11,7 +13,8 @@ configuration from JSON. A checkpoint of another format version or vocabulary is
 with a message that says why. `CKPT` may be local or ``s3://``; a run folder holding
 several ``checkpoint_*`` directories resolves to its latest one.
 
-The model id is a hash of the generator's weights: it names what produced a dataset.
+The model id is a hash of the weights that synthesize (the average when there is one): it names
+what produced a dataset.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ FORMAT_VERSION = 1
 META_FILE = "f2m_checkpoint.json"
 MODEL_FILE = "model.pt"
 OPTIM_FILE = "optim.pt"
+AVERAGE_KEY = "generator_ema"
 
 
 @dataclass
@@ -55,9 +59,9 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def generator(self, device: str | torch.device = "cpu") -> Generator:
-        """The generator with its weights, in eval mode."""
+        """The generator that synthesizes (its weight average when there is one), in eval mode."""
         net = Generator(self.preset.model)
-        _load_state(net, self.model_state["generator"], self.path)
+        _load_state(net, synthesis_weights(self.model_state), self.path)
         return net.to(device).eval()
 
     def networks(self) -> tuple[Generator, Discriminator, Discriminator]:
@@ -94,6 +98,7 @@ def save_checkpoint(
     step: int,
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
     extra: dict[str, Any] | None = None,
+    generator_average: torch.nn.Module | None = None,
 ) -> str:
     """Write a checkpoint directory (local or s3://); the metadata file goes last."""
     model_state = {
@@ -101,6 +106,8 @@ def save_checkpoint(
         "d_margin": strip_ddp(d_margin.state_dict()),
         "d_shape": strip_ddp(d_shape.state_dict()),
     }
+    if generator_average is not None:
+        model_state[AVERAGE_KEY] = strip_ddp(generator_average.state_dict())
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -109,7 +116,7 @@ def save_checkpoint(
         "vocabulary": vocabulary(),
         "epoch": int(epoch),
         "step": int(step),
-        "model_id": model_id(model_state["generator"]),
+        "model_id": model_id(synthesis_weights(model_state)),
         "extra": extra or {},
     }
     fs, root = filesystem(directory)
@@ -123,6 +130,11 @@ def save_checkpoint(
     except OSError as err:
         raise F2MError(f"cannot write checkpoint to {directory}: {err.strerror or err}") from None
     return directory
+
+
+def synthesis_weights(model_state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The generator weights that encode and synthesize: the weight average if training kept one."""
+    return model_state.get(AVERAGE_KEY) or model_state["generator"]
 
 
 def write_torch(fs, path: str, obj: Any) -> None:
@@ -247,7 +259,7 @@ def load_generator(path: str, device: str | torch.device = "cpu") -> tuple[Gener
         raise F2MError(f"corrupt checkpoint model weights in {path}: unexpected content")
     with torch.device("meta"):
         net = Generator(preset.model)
-    _load_state(net, state["generator"], path, assign=True)
+    _load_state(net, synthesis_weights(state), path, assign=True)
     return net.float().to(device).eval(), meta  # .float(): an export stores float16 weights
 
 
@@ -259,7 +271,7 @@ def load_checkpoint(path: str, with_optimizer: bool = False) -> Checkpoint:
     if isinstance(model_state, dict) and set(model_state) == {"generator"} and meta.get("export"):
         raise F2MError(f"{path} is a synthesis-only export (the generator alone): it encodes and synthesizes, "
                        f"but training cannot resume from it")
-    if not isinstance(model_state, dict) or set(model_state) != {"generator", "d_margin", "d_shape"}:
+    if not isinstance(model_state, dict) or set(model_state) - {AVERAGE_KEY} != {"generator", "d_margin", "d_shape"}:
         raise F2MError(f"corrupt checkpoint model weights in {path}: unexpected content")
     optim_state = None
     if with_optimizer and fs.exists(join(root, OPTIM_FILE)):

@@ -18,6 +18,7 @@ ENCODER_LAYERS = 7  # paper 3.2: seven convolutions
 DECODER_LAYERS = 7  # paper 3.2: seven transposed convolutions
 DISC_CONV_LAYERS = 10  # paper 3.2: ten convolutions ...
 DISC_FC_LAYERS = 3  # ... and three fully-connected layers
+UPSAMPLE_MODES = ("transposed", "resize")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class ModelConfig:
     disc_channels: tuple[int, ...] = (32, 64, 64, 128, 128, 256, 256, 512, 512, 512)
     disc_fc: tuple[int, ...] = (1024, 256)  # hidden FCs; the third FC is the (real/fake, labels) head
     leaky_slope: float = 0.2  # LeakyReLU negative slope (pix2pix/DCGAN convention)
+    # The decoder's stride-2 layers: "transposed" (4x4 transposed conv, the paper) or "resize"
+    # (nearest x2 + 3x3 conv, no checkerboard; run as the equivalent tied 4x4 transposed conv).
+    upsample: str = "transposed"
     n_margins: int = len(MARGINS)  # classes of D1's label head and E1's one-hot input
     n_shapes: int = len(SHAPES)  # classes of D2's label head and E2's one-hot input
 
@@ -56,6 +60,8 @@ class ModelConfig:
             raise F2MError("the last encoder width must equal feature_dim")
         if self.decoder_channels[-1] != 1:
             raise F2MError("the last decoder width must be 1 (grayscale output)")
+        if self.upsample not in UPSAMPLE_MODES:
+            raise F2MError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}, got {self.upsample!r}")
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,15 @@ class LossConfig:
     # Feature2MassStep): D1/D2 see them as fakes with their category's labels (AMR, Beckham et
     # al. 2019, with the label terms), and G is trained to make them pass, at this weight.
     lambda_mix: float = 0.0
+    # Levers against a category template (not in the paper; the paper's values leave eq. 5 as written).
+    lambda_adversarial: float = 1.0  # weight of G's adversarial terms (eq. 5: 1)
+    # L1 between the image gradients (finite differences) of I and I': edges, spicules and outlines
+    # weigh more than the slow background shading that dominates a whole-image L1.
+    lambda_gradient: float = 0.0
+    # pix2pixHD feature matching: L1 between D1's and D2's intermediate features of I and of its own
+    # reconstruction I' (per sample, real features detached): G is paid for looking like its input
+    # to D, not for looking like a category.
+    lambda_feature_matching: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,10 @@ class TrainConfig:
     # Differentiable augmentation (shift, brightness, contrast) of every image D1/D2 see, real and
     # fake, in D's and G's steps (f2m_ray.core.augment.diff_augment). Not in the paper; see `small`.
     d_augment: bool = False
+    # An exponential moving average of G's weights (StyleGAN2-ADA's G_ema): its half-life in
+    # thousands of images. Samples, feature banks and synthesis use the average, training the live
+    # weights; both are in the checkpoint. 0 = none (the paper).
+    ema_kimg: float = 0.0
 
 
 @dataclass(frozen=True)

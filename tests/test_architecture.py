@@ -53,7 +53,7 @@ def imports(path: pathlib.Path) -> tuple[set[str], set[str]]:
 
 def test_core_imports_no_ray_and_no_io_stack():
     core = [m for m in modules() if m.startswith("f2m_ray.core.")]
-    assert len(core) == 9, core
+    assert len(core) == 10, core
     code = (f"import sys, json; import {', '.join(core)}; "
             f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({list(HEAVY)!r}))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -148,3 +148,42 @@ def test_a_float16_export_decodes_within_a_grey_level_and_names_itself(saved, tm
         checkpoint.load_checkpoint(out)
     with pytest.raises(F2MError, match="export dtype must be"):
         checkpoint.export_generator(source, str(tmp_path / "bad"), "int8")
+
+
+def test_a_weight_average_is_what_loads_for_synthesis_and_the_live_weights_resume(tmp_path):
+    from dataclasses import replace
+
+    from f2m_ray.core.step import WeightAverage
+
+    torch.manual_seed(0)
+    preset = replace(PRESETS["tiny"], train=replace(PRESETS["tiny"].train, ema_kimg=0.064))
+    g, d1, d2 = build_networks(preset.model)
+    average = WeightAverage(g, half_life_images=64, images_per_step=32)
+    assert average.beta == pytest.approx(0.5 ** 0.5)
+    before = [p.detach().clone() for p in average.module.parameters()]
+    steps = [0.05 * torch.randn_like(p) for p in g.parameters()]
+    with torch.no_grad():
+        for p, delta in zip(g.parameters(), steps):
+            p.add_(delta)  # a training step
+    average.update(g)
+    for a, b, delta in zip(average.module.parameters(), before, steps):
+        torch.testing.assert_close(a, b + (1 - 0.5 ** 0.5) * delta)  # lerp towards the live weights by 1 - beta
+    assert not any(p.requires_grad for p in average.module.parameters())
+
+    path = str(tmp_path / "ck")
+    checkpoint.save_checkpoint(path, preset, g, d1, d2, epoch=1, step=1, generator_average=average.module)
+    loaded, meta = checkpoint.load_generator(path)
+    v = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(v), average.module.eval().decode(v))
+        assert not torch.allclose(loaded.decode(v), g.eval().decode(v))
+    assert meta["model_id"] == checkpoint.model_id(average.module.state_dict()) != checkpoint.model_id(g.state_dict())
+    full = checkpoint.load_checkpoint(path)
+    assert set(full.model_state) == {"generator", "generator_ema", "d_margin", "d_shape"}
+    resumed = full.networks()[0]  # training resumes from the live weights
+    for a, b in zip(resumed.parameters(), g.parameters()):
+        torch.testing.assert_close(a, b)
+    export = checkpoint.export_generator(path, str(tmp_path / "export"), dtype="float32")
+    exported, _ = checkpoint.load_generator(export)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.decode(v), average.module.decode(v))

@@ -169,7 +169,11 @@ def test_cli_end_to_end(ray_local, fixtures, tmp_path):
     assert set(report["groups"]) == {"overall", "ill-defined-round", "spiculated-irregular", "circumscribed-oval"}
     overall = report["groups"]["overall"]
     assert set(overall) == {"synthetic_rows", "heldout_real_rows", "label_fidelity", "realism", "precision_recall",
-                            "density_coverage", "diversity", "memorization"}
+                            "density_coverage", "diversity", "outline_spread", "memorization"}
+    for name in ("overall", "spiculated-irregular"):  # phantoms of another seed: outlines as varied as real ones
+        spread = report["groups"][name]["outline_spread"]
+        assert 0.3 < spread["synthetic"] < 0.9 and 0.3 < spread["heldout_real"] < 0.9
+        assert spread["ratio"] == pytest.approx(spread["synthetic"] / spread["heldout_real"])
     dc = overall["density_coverage"]
     assert dc["rows"] == overall["heldout_real_rows"] and dc["k"] == min(5, dc["rows"] - 1) and 0.0 < dc["coverage"] <= 1.0
     assert dc["density"] > 0.0 and "coverage (k = 5)" in (out / "report.html").read_text()
@@ -189,6 +193,7 @@ def test_cli_end_to_end(ray_local, fixtures, tmp_path):
     assert delta == pytest.approx(useful["classifiers"]["real_plus_synthetic"]["accuracy"]["mean"]
                                   - useful["classifiers"]["real"]["accuracy"]["mean"])
     page = (out / "report.html").read_text()
+    assert "<tr><th>spiculated-irregular</th>" in page and "<th class='metric'>outline spread: synthetic</th>" in page
     assert page.count("data:image/png;base64,") == 6  # synthetic and real strip per category
     assert page.count("<svg") == 2 and "spiculated-irregular" in page and "http" not in page.replace(
         'xmlns="http://www.w3.org/2000/svg"', "")

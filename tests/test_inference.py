@@ -91,3 +91,25 @@ def test_the_shipped_models_images_are_the_same_bytes_on_one_and_two_threads_and
     as_stored, trained_bytes = to_uint8(images[1].numpy()[:, 0]), to_uint8(trained.numpy()[:, 0])
     assert (as_stored != trained_bytes).mean() < 1e-3  # float rounding may move a rare pixel by one grey level
     assert abs(as_stored.astype(int) - trained_bytes.astype(int)).max() <= 1
+
+
+def test_a_resize_decoder_folds_into_the_same_fast_layers():
+    from dataclasses import replace
+
+    from f2m_ray.core.networks import Generator, _init_weights
+
+    torch.manual_seed(0)
+    cfg = replace(get_preset("tiny").model, upsample="resize")
+    generator = Generator(cfg)
+    generator.apply(_init_weights)
+    for module in generator.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0.0, 0.3)
+            module.running_var.uniform_(0.3, 3.0)
+    generator.eval()
+    fast = inference_decoder(generator.decoder)
+    assert [type(layer) for layer in fast.layers] == [_Dense, _Dense, _ConvT, _ConvT, _ConvT, _ConvT, _ConvT]
+    features = torch.randn(8, cfg.feature_dim) * 2
+    with torch.inference_mode():
+        expected, got = generator.decode(features), fast(features)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()

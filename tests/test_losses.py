@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 import torch
 
@@ -243,3 +244,61 @@ def test_the_discriminators_label_term_rewards_the_true_label():
              for name, logits in (("right", right), ("wrong", wrong))}
     assert terms["right"]["label_real"] < 0.01 and terms["right"]["label_fake"] < 0.01
     assert terms["wrong"]["label_real"] > 10 and terms["wrong"]["label_fake"] > 10
+
+
+def test_the_template_levers_are_off_by_default_and_each_adds_its_term():
+    from dataclasses import replace
+
+    from f2m_ray.core.losses import feature_matching, gradient_l1
+
+    preset = PRESETS["tiny"]
+    assert (preset.loss.lambda_adversarial, preset.loss.lambda_gradient, preset.loss.lambda_feature_matching) == (1, 0, 0)
+    images, margins, shapes = _toy()
+    shifted = images + 0.3  # the same edges, another level
+    assert gradient_l1(shifted, images).item() < 1e-6 < gradient_l1(images.flip(-1), images).item()
+    maps = [torch.randn(4, 3, 8, 8), torch.randn(4, 5, 2, 2)]
+    assert feature_matching(maps, maps).item() == 0.0
+    expected = (torch.nn.functional.l1_loss(maps[0], 0 * maps[0]) + torch.nn.functional.l1_loss(maps[1], 0 * maps[1])) / 2
+    torch.testing.assert_close(feature_matching(maps, [0 * m for m in maps]), expected)
+    nets = build_networks(preset.model)
+    base = replace(preset.loss, lambda_generator_labels=0.0)
+    levered = replace(base, lambda_adversarial=0.25, lambda_gradient=7.0)
+    torch.manual_seed(0)
+    _, plain = _step_losses(nets, images, margins, shapes, base)
+    torch.manual_seed(0)
+    _, pulled = _step_losses(nets, images, margins, shapes, levered)
+    fake = nets[0](images, margins, shapes)
+    expected = 0.25 * pulled["adversarial"] + 300 * pulled["l1"] + 7.0 * gradient_l1(fake, images)
+    torch.testing.assert_close(pulled["total"], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(plain["total"], plain["adversarial"] + 300 * plain["l1"], rtol=1e-4, atol=1e-4)
+
+
+def test_feature_matching_pays_g_for_looking_like_its_input_to_d():
+    from dataclasses import replace
+
+    from f2m_ray.core.losses import feature_matching
+    from f2m_ray.core.step import Feature2MassStep, make_optimizers
+
+    preset = PRESETS["tiny"]
+    images, margins, shapes = _toy()
+    totals, matched = [], None
+    for weight in (0.0, 5.0):
+        torch.manual_seed(0)
+        g, d1, d2 = build_networks(preset.model)
+        opt_g, opt_d = make_optimizers(g, d1, d2, preset.train)
+        step = Feature2MassStep(g, d1, d2, opt_g, opt_d, replace(preset.loss, lambda_feature_matching=weight))
+        if weight:  # what the term is worth right after D's update, which is when G's phase reads it
+            original = opt_d.step
+
+            def d_step_then_measure():
+                nonlocal matched
+                original()
+                with torch.no_grad():
+                    fake = g(images, margins, shapes)
+                    matched = sum(feature_matching(d(fake, features=True)[2], d(images, features=True)[2])
+                                  for d in (d1, d2)) / 2
+
+            opt_d.step = d_step_then_measure
+        totals.append(step(images, margins, shapes)["g_loss"].item())
+    assert matched > 0
+    assert totals[1] - totals[0] == pytest.approx(5.0 * float(matched), rel=0.05)

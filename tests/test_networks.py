@@ -71,3 +71,52 @@ def test_discriminator_counts_classes():
     d = Discriminator(PRESETS["tiny"].model, 7)
     _, logits = d(torch.zeros(2, 1, 64, 64))
     assert logits.shape == (2, 7)
+
+
+def test_resize_conv_is_nearest_upsampling_then_a_3x3_conv():
+    from f2m_ray.core.networks import ResizeConv2d
+
+    torch.manual_seed(1)
+    layer = ResizeConv2d(5, 7)
+    torch.nn.init.normal_(layer.weight3)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(3, 5, 8, 8)
+    upsampled = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")  # (3, 5, 16, 16)
+    expected = torch.nn.functional.conv2d(upsampled, layer.weight3, layer.bias, padding=1)
+    got = layer(x)
+    assert got.shape == (3, 7, 16, 16)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert sorted(name for name, _ in layer.named_parameters()) == ["bias", "weight3"]
+    assert sorted(layer.state_dict()) == ["bias", "weight3"]  # the 4x4 kernel is derived, never stored
+    # no checkerboard: a constant input gives a constant output away from the border
+    flat = layer(torch.ones(1, 5, 8, 8))[0, :, 2:-2, 2:-2]
+    assert torch.allclose(flat, flat[:, :1, :1].expand_as(flat), atol=1e-5)
+
+
+def test_a_resize_decoder_trains_and_reloads_through_load_generator(tmp_path):
+    from dataclasses import replace
+
+    from f2m_ray.checkpoint import load_generator, save_checkpoint
+
+    cfg = replace(PRESETS["tiny"].model, upsample="resize")
+    g, d1, d2 = build_networks(cfg)
+    kinds = {type(m).__name__ for m in g.decoder.modules()}
+    assert "ResizeConv2d" in kinds and "ConvTranspose2d" in kinds  # six resize layers, the stride-1 output
+    images, margins, shapes = _batch()
+    g(images, margins, shapes).mean().backward()
+    assert all(p.grad is not None for p in g.decoder.parameters())
+    preset = replace(PRESETS["tiny"], model=cfg)
+    save_checkpoint(str(tmp_path / "ck"), preset, g, d1, d2, epoch=1, step=1)
+    loaded, meta = load_generator(str(tmp_path / "ck"))
+    assert meta["preset"]["model"]["upsample"] == "resize"
+    g.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, margins, shapes), g(images, margins, shapes))
+
+
+def test_discriminator_features_are_its_conv_stages():
+    d = build_networks(PRESETS["tiny"].model)[1]
+    images = _batch()[0]
+    logit, labels, maps = d(images, features=True)
+    assert [m.shape[-1] for m in maps] == [32, 16, 8, 4, 2]
+    torch.testing.assert_close((logit, labels), d(images))

@@ -13,6 +13,10 @@ by G. All losses below are written to be minimised:
     D_k: BCE(D_k(I), 1) + BCE(D_k(I'), 0) + lambda_k * (CE(y_k, D_k(I)) + w * CE(y_k, D_k(I')))   k = 1 margin, 2 shape
     G:   BCE(D_1(I'), 1) + BCE(D_2(I'), 1) + lambda3 * (CE(m, D_1(I')) + CE(s, D_2(I'))) + lambda4 * L1(I, I')
 
+Options beyond the paper (``LossConfig``; their defaults give the line above): the adversarial
+terms of G weighted by ``lambda_adversarial``, ``+ lambda_gradient * L1(grad I, grad I')`` and
+``+ lambda_feature_matching * mean_l L1(D_l(I'), D_l(I))`` over D1's and D2's conv stages.
+
 With ``LossConfig.lambda_mix`` = W > 0 (training for mixes; not in the paper) D and G also see M
 decoded mixes ``I^`` of same-category features, labelled with their category:
 
@@ -89,7 +93,22 @@ def mix_generator_loss(
     adversarial = _bce(margin_logit, 1.0) + _bce(shape_logit, 1.0)
     # G: make its images show their margin and shape to D1 and D2
     labels = F.cross_entropy(margin_labels_logits.float(), margins) + F.cross_entropy(shape_labels_logits.float(), shapes)
-    return {"total": adversarial + cfg.lambda_generator_labels * labels, "adversarial": adversarial, "labels": labels}
+    total = cfg.lambda_adversarial * adversarial + cfg.lambda_generator_labels * labels
+    return {"total": total, "adversarial": adversarial, "labels": labels}
+
+
+def gradient_l1(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Mean L1 between the horizontal and vertical finite differences of (B, 1, H, W) images."""
+    fake, real = fake.float(), real.float()
+    dx = F.l1_loss(fake[..., :, 1:] - fake[..., :, :-1], real[..., :, 1:] - real[..., :, :-1])
+    dy = F.l1_loss(fake[..., 1:, :] - fake[..., :-1, :], real[..., 1:, :] - real[..., :-1, :])
+    return dx + dy
+
+
+def feature_matching(fake_maps: list[torch.Tensor], real_maps: list[torch.Tensor]) -> torch.Tensor:
+    """pix2pixHD's term: mean over D's layers of L1(features of I', features of I), real side detached."""
+    terms = [F.l1_loss(f.float(), r.detach().float()) for f, r in zip(fake_maps, real_maps)]
+    return torch.stack(terms).mean()
 
 
 def generator_loss(
@@ -107,4 +126,7 @@ def generator_loss(
     terms = mix_generator_loss(margin_logit, margin_labels_logits, shape_logit, shape_labels_logits, margins, shapes, cfg)
     # G: stay close to the input (forms the manifold around real masses)
     l1 = F.l1_loss(fake.float(), real.float())
-    return {**terms, "total": terms["total"] + cfg.lambda_l1 * l1, "l1": l1}
+    total = terms["total"] + cfg.lambda_l1 * l1
+    if cfg.lambda_gradient:  # G: the same edges as the input
+        total = total + cfg.lambda_gradient * gradient_l1(fake, real)
+    return {**terms, "total": total, "l1": l1}

@@ -67,15 +67,53 @@ class Encoder(nn.Module):
         return self.net(x).flatten(1)  # (B, feature_dim, 1, 1) -> (B, feature_dim)
 
 
+# Nearest-neighbour upsampling by 2 then a 3x3 conv (padding 1) is, exactly, a 4x4 stride-2 transposed
+# conv (padding 1) whose taps are sums of the 3x3 taps: along each axis, output row 2i takes
+# w0 x[i-1] + (w1 + w2) x[i] and row 2i+1 takes (w0 + w1) x[i] + w2 x[i+1]. So K = A w A^T with:
+_RESIZE_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # (4, 3)
+
+
+class ResizeConv2d(nn.ConvTranspose2d):
+    """Upsample x2 (nearest) then conv 3x3, run as the equivalent 4x4 stride-2 transposed conv.
+
+    No checkerboard (Odena et al. 2016): every output pixel sees the same number of taps, so a
+    constant input gives a constant output. Its parameter is the 3x3 kernel ``weight3``
+    (C_out, C_in, 3, 3); ``weight`` (C_in, C_out, 4, 4) is derived from it on every call, so the
+    layer costs a transposed conv's FLOPs (16 taps at the input's size, not 9 at four times the
+    pixels) and the synthesis decoder folds it like any transposed conv.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 4, 2, 1)
+        del self.weight
+        self.weight3 = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
+
+    @property
+    def weight(self) -> torch.Tensor:  # (C_in, C_out, 4, 4)
+        taps = _RESIZE_TAPS.to(self.weight3)  # a constant, not a buffer: nothing extra in a checkpoint
+        return torch.einsum("ka,oiab,lb->iokl", taps, self.weight3, taps)
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        return F.conv_transpose2d(x, self.weight, self.bias, 2, 1)
+
+
 class Decoder(nn.Module):
-    """(B, feature_dim) -> (B, 1, 64, 64): six stride-2 transposed convs then a stride-1 output."""
+    """(B, feature_dim) -> (B, 1, 64, 64): six stride-2 upsampling layers then a stride-1 output.
+
+    ``cfg.upsample`` picks the stride-2 layer: the paper's 4x4 transposed conv ("transposed") or
+    nearest-neighbour x2 + 3x3 conv ("resize", as ``ResizeConv2d``), which leaves no checkerboard.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         chans = (cfg.feature_dim,) + cfg.decoder_channels
         layers = []
         for i in range(1, len(chans) - 1):
-            layers.append(_block(nn.ConvTranspose2d(chans[i - 1], chans[i], 4, 2, 1), chans[i], cfg.leaky_slope))
+            if cfg.upsample == "resize":
+                conv = ResizeConv2d(chans[i - 1], chans[i])
+            else:
+                conv = nn.ConvTranspose2d(chans[i - 1], chans[i], 4, 2, 1)
+            layers.append(_block(conv, chans[i], cfg.leaky_slope))
         layers.append(_block(nn.ConvTranspose2d(chans[-2], chans[-1], 3, 1, 1), chans[-1], cfg.leaky_slope, norm=False))
         self.net = nn.Sequential(*layers)
 
@@ -158,10 +196,21 @@ class Discriminator(nn.Module):
         # The third FC layer: one linear map whose outputs are split into the two heads.
         self.head = nn.Linear(cfg.disc_fc[1], 1 + n_classes)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.fcs(self.convs(images).flatten(1))  # (B, disc_fc[1])
+    def forward(self, images: torch.Tensor, features: bool = False):
+        """(real/fake logit (B,), label logits (B, n_classes)); with ``features`` also the output of
+        each (stride-1, stride-2) conv pair, [(B, C, 32, 32), ..., (B, C, 2, 2)], for feature matching."""
+        if features:
+            maps = []
+            x = images
+            for i, block in enumerate(self.convs):
+                x = block(x)
+                if i % 2 == 1:
+                    maps.append(x)
+        else:
+            x = self.convs(images)
+        h = self.fcs(x.flatten(1))  # (B, disc_fc[1])
         out = self.head(h)  # (B, 1 + n_classes)
-        return out[:, 0], out[:, 1:]
+        return (out[:, 0], out[:, 1:], maps) if features else (out[:, 0], out[:, 1:])
 
 
 def build_networks(cfg: ModelConfig) -> tuple[Generator, Discriminator, Discriminator]:
@@ -175,7 +224,10 @@ def build_networks(cfg: ModelConfig) -> tuple[Generator, Discriminator, Discrimi
 
 
 def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+    if isinstance(module, ResizeConv2d):
+        nn.init.normal_(module.weight3, 0.0, 0.02)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(module.weight, 0.0, 0.02)
         nn.init.zeros_(module.bias)
     elif isinstance(module, nn.BatchNorm2d):

@@ -7,6 +7,7 @@ do exactly the same work per step. No Ray, no I/O.
 from __future__ import annotations
 
 import contextlib
+import copy
 from itertools import chain
 
 import torch
@@ -17,6 +18,7 @@ from f2m_ray.labels import MARGINS, SHAPES
 from f2m_ray.core.losses import (
     DiscriminatorOutputs,
     discriminator_loss,
+    feature_matching,
     generator_loss,
     mix_discriminator_loss,
     mix_generator_loss,
@@ -42,6 +44,7 @@ class Feature2MassStep:
         d_augment: bool = False,
         augment_generator: torch.Generator | None = None,
         mix_generator: torch.Generator | None = None,
+        average: WeightAverage | None = None,
     ):
         self.generator, self.d_margin, self.d_shape = generator, d_margin, d_shape
         self.optimizer_g, self.optimizer_d = optimizer_g, optimizer_d
@@ -49,6 +52,7 @@ class Feature2MassStep:
         self.autocast_bf16 = autocast_bf16
         self.d_augment = d_augment  # TrainConfig.d_augment: every image D1/D2 see goes through diff_augment
         self.augment_generator = augment_generator
+        self.average = average  # G's weight average (TrainConfig.ema_kimg), updated after each G step
         self.mix_generator = mix_generator or torch.Generator()  # CPU: the mixing weights
         self.centroids: torch.Tensor | None = None  # (categories, D) running mean feature per category
         self.centroid_seen: torch.Tensor | None = None  # (categories,) bool
@@ -148,6 +152,15 @@ class Feature2MassStep:
                 g_s, g_s_labels = self.d_shape(self._seen(fake))
             loss_g = generator_loss(g_m, g_m_labels, g_s, g_s_labels, margins, shapes, images, fake, self.loss)
             total_g = loss_g["total"]
+            if self.loss.lambda_feature_matching:  # G: look like its own input to D1 and D2
+                with self._autocast():
+                    matched = []
+                    for d in (self.d_margin, self.d_shape):
+                        with torch.no_grad():
+                            real_maps = d(images, features=True)[2]
+                        matched.append(feature_matching(d(fake, features=True)[2], real_maps))
+                total_g = total_g + self.loss.lambda_feature_matching * torch.stack(matched).mean()
+                loss_g["total"] = total_g  # g_loss reports what G minimises
             mix_terms = {}
             if plan is not None:
                 with self._autocast():
@@ -158,6 +171,8 @@ class Feature2MassStep:
             self.optimizer_g.zero_grad(set_to_none=True)
             total_g.backward()
         self.optimizer_g.step()
+        if self.average is not None:
+            self.average.update(self.generator)
         mix_terms = {f"g_mix_{k}": v.detach() for k, v in mix_terms.items() if k != "total"}
         if mixing and not mix_terms:
             mix_terms = {k: torch.zeros(()) for k in MIX_METRICS}  # no usable pair in this batch
@@ -170,6 +185,34 @@ class Feature2MassStep:
             "l1": loss_g["l1"].detach(),
             **mix_terms,  # G's terms on decoded mixes, when LossConfig.lambda_mix > 0
         }
+
+
+class WeightAverage:
+    """An exponential moving average of a module's parameters (buffers copied as they are).
+
+    ``half_life_images``: after that many training images a past weight counts half
+    (beta = 0.5 ** (images_per_step / half_life_images) per step, StyleGAN2-ADA's ema_kimg).
+    ``module`` is a frozen eval-mode copy of the unwrapped (non-DDP) network.
+    """
+
+    def __init__(self, network: torch.nn.Module, half_life_images: float, images_per_step: int):
+        if half_life_images <= 0 or images_per_step <= 0:
+            raise ValueError("half_life_images and images_per_step must be > 0")
+        self.module = copy.deepcopy(unwrap(network)).eval().requires_grad_(False)
+        self.beta = 0.5 ** (images_per_step / half_life_images)
+
+    @torch.no_grad()
+    def update(self, network: torch.nn.Module) -> None:
+        live = unwrap(network)
+        for average, weight in zip(self.module.parameters(), live.parameters()):
+            average.lerp_(weight.detach(), 1.0 - self.beta)
+        self.copy_buffers(live)
+
+    @torch.no_grad()
+    def copy_buffers(self, network: torch.nn.Module) -> None:
+        """BatchNorm statistics are not averaged: the average uses the live network's."""
+        for average, buffer in zip(self.module.buffers(), unwrap(network).buffers()):
+            average.copy_(buffer)
 
 
 STEP_METRICS = ("d_margin_loss", "d_shape_loss", "g_loss", "g_adversarial", "g_labels", "l1")

@@ -34,7 +34,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from f2m_ray.errors import F2MError
-from f2m_ray.labels import MARGINS, SHAPES, Category
+from f2m_ray.core.images import to_model_range
+from f2m_ray.labels import MARGINS, PAPER_CATEGORIES, SHAPES, Category, parse_category
 
 # The 5 margins x 4 mass shapes; architectural distortion is not a mass, so it is
 # only rendered when asked for by name.
@@ -391,6 +392,30 @@ def render_phantom(category: Category, rng: np.random.Generator, size: int = 64)
     return _render(category, rng, size)[0]
 
 
+def render_phantom_with_mask(category: Category, rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom and its true lesion: (image float32 (size, size) in [0, 1], mask float32 0/1).
+
+    The image is exactly ``render_phantom``'s for the same ``rng`` state. The mask is the nominal
+    lesion (body inside its boundary, plus spicules or distortion lines, at pixel coverage >= 0.5):
+    what the mass measures (f2m_ray.core.mass_metrics) compare reconstructions inside.
+    """
+    return _render(category, rng, size)
+
+
+def phantoms_with_masks(
+    n: int, seed: int, categories: Sequence[Category] | None = None, start: int = 0
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, Category]]:
+    """Yield (index, uint8 (64, 64) image, float32 (64, 64) mask, category): ``generate_phantoms`` plus masks.
+
+    The images are byte-identical to ``generate_phantoms(n, seed, categories, start)``'s.
+    """
+    cats = tuple(categories) if categories else DEFAULT_CATEGORIES
+    for index in range(start, n):
+        category = phantom_category(index, cats)
+        image, mask = _render(category, phantom_rng(seed, index))
+        yield index, _to_uint8(image), mask, category
+
+
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
@@ -403,3 +428,28 @@ def generate_phantoms(
     for index in range(start, n):
         category = phantom_category(index, cats)
         yield index, _to_uint8(render_phantom(category, phantom_rng(seed, index))), category
+
+
+MASS_PROBE_SEED = 11  # a phantom seed no training run of this tool uses by default (train uses 0)
+
+
+def mass_probe(per_category: int = 16, seed: int = MASS_PROBE_SEED,
+               categories: Sequence[str] = PAPER_CATEGORIES) -> dict[str, np.ndarray | list[str]]:
+    """Held-out phantoms with their true lesions, for mass fidelity (f2m_ray.core.mass_metrics).
+
+    Plain data, so it travels into Ray workers: ``images`` (N, 64, 64) float32 in [-1, 1], ``masks``
+    (N, 64, 64), ``margins`` and ``shapes`` (N,) int64, ``categories`` (N,) names; ``per_category``
+    masses of each of ``categories`` (the paper's three by default).
+    """
+    images, masks, margins, shapes, names = [], [], [], [], []
+    for name in categories:
+        category = parse_category(name)
+        for _, image, mask, _ in phantoms_with_masks(per_category, seed, [category]):
+            images.append(to_model_range(image))
+            masks.append(mask)
+            margins.append(category.margin_id)
+            shapes.append(category.shape_id)
+            names.append(category.name)
+    return {"images": np.stack(images), "masks": np.stack(masks), "margins": np.array(margins, dtype=np.int64),
+            "shapes": np.array(shapes, dtype=np.int64), "categories": names}
+

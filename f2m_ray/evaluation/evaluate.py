@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from f2m_ray import __version__
-from f2m_ray.core import metrics
+from f2m_ray.core import mass_metrics, metrics
 from f2m_ray.errors import F2MError
 from f2m_ray.labels import MARGINS, SHAPES
 from f2m_ray.storage import filesystem, join
@@ -171,8 +171,14 @@ def group_metrics(
     threshold_pixels: float,
     config: EvaluateConfig,
     seed: int,
+    syn_outlines: np.ndarray | None = None,
+    real_outlines: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Every per-group metric for one group of synthetic rows against its held-out real rows."""
+    """Every per-group metric for one group of synthetic rows against its held-out real rows.
+
+    ``syn_outlines`` / ``real_outlines``: the segmented mass of each image (mass_metrics.outline_masks),
+    for the outline spread (mean 1 - IoU between outlines: a template in varied light scores near 0).
+    """
     n_syn, n_real = len(syn_features), len(real_features)
     syn_acc = metrics.head_accuracies(*syn_pred, *syn_labels)
     real_acc = metrics.head_accuracies(*real_pred, *real_labels) if n_real else None
@@ -222,6 +228,12 @@ def group_metrics(
         "heldout_real": metrics.diversity(real_features, config.diversity_samples, seed) if n_real >= 2 else None,
     }
     out["diversity"]["ratio"] = _ratio(out["diversity"]["synthetic"], out["diversity"]["heldout_real"])
+    if syn_outlines is not None and real_outlines is not None:
+        out["outline_spread"] = {
+            "synthetic": mass_metrics.outline_spread(syn_outlines, seed=seed) if n_syn >= 2 else None,
+            "heldout_real": mass_metrics.outline_spread(real_outlines, seed=seed) if n_real >= 2 else None,
+        }
+        out["outline_spread"]["ratio"] = _ratio(out["outline_spread"]["synthetic"], out["outline_spread"]["heldout_real"])
     flagged = syn_to_seen <= threshold
     flagged_pixels = syn_to_seen_pixels <= threshold_pixels
     out["memorization"] = {
@@ -444,6 +456,9 @@ def _groups(synthetic, syn_pred, real_all, real_pred, real_category, heldout_mas
     """group_metrics overall and per category."""
     groups: dict[str, Any] = {}
     names = [OVERALL, *categories]
+    syn_outlines = mass_metrics.outline_masks(synthetic.images)
+    real_outlines = mass_metrics.outline_masks(real_all.images[heldout_mask]) if heldout_mask.any() else None
+    heldout_index = np.cumsum(heldout_mask) - 1  # row of real_all -> row of real_outlines
     for i, name in enumerate(names):
         if progress:
             progress("metrics per category", i, len(names))
@@ -462,6 +477,8 @@ def _groups(synthetic, syn_pred, real_all, real_pred, real_category, heldout_mas
             thresholds[1],
             config,
             config.seed,
+            syn_outlines[syn_rows],
+            real_outlines[heldout_index[real_rows]] if real_outlines is not None else None,
         )
     if progress:
         progress("metrics per category", len(names), len(names))

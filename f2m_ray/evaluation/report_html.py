@@ -126,6 +126,8 @@ SUMMARY_ROWS: list[tuple[str, tuple[str, ...]]] = [
     ("coverage (k = 5)", ("density_coverage", "coverage")),
     ("diversity: synthetic", ("diversity", "synthetic")),
     ("diversity: held-out real", ("diversity", "heldout_real")),
+    ("outline spread: synthetic", ("outline_spread", "synthetic")),
+    ("outline spread: held-out real", ("outline_spread", "heldout_real")),
     ("memorized share (features)", ("memorization", "share")),
     ("memorized share (pixels)", ("memorization", "share_pixels")),
 ]
@@ -165,11 +167,12 @@ def render_html(report: dict[str, Any], figures: dict[str, Any]) -> str:
     """The self-contained page: tables, image strips (base64 PNG) and SVG histograms."""
     groups = report["groups"]
     names = list(groups)
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    # One row per category (and overall), one column per metric: 20 categories fit down the page.
+    head = "".join(f"<th class='metric'>{html.escape(label)}</th>" for label, _ in SUMMARY_ROWS)
     rows = []
-    for label, path in SUMMARY_ROWS:
-        cells = "".join(f"<td>{_fmt(_dig(groups[n], path))}</td>" for n in names)
-        rows.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
+    for n in names:
+        cells = "".join(f"<td>{_fmt(_dig(groups[n], path))}</td>" for _, path in SUMMARY_ROWS)
+        rows.append(f"<tr><th>{html.escape(n)}</th>{cells}</tr>")
     inputs = report["inputs"]
     judge = report["judge"]
     judge_val = _dig(judge, ("report", "val_accuracy"))
@@ -180,7 +183,8 @@ def render_html(report: dict[str, Any], figures: dict[str, Any]) -> str:
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>f2m-ray evaluation</title>",
         "<style>body{font-family:sans-serif;margin:24px;max-width:1200px}table{border-collapse:collapse;margin:8px 0}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th:first-child{text-align:left}"
-        "img{image-rendering:pixelated;height:96px}.note{color:#a40}</style></head><body>",
+        "img{image-rendering:pixelated;height:96px}.note{color:#a40}th.metric{font-size:11px;font-weight:normal;"
+        "vertical-align:bottom;max-width:90px;text-align:center}.wide{overflow-x:auto}</style></head><body>",
         "<h1>f2m-ray evaluation</h1>",
         f"<p>synthetic <code>{html.escape(str(inputs.get('synthetic', '')))}</code> ({inputs['synthetic_rows']} masses, model "
         f"{html.escape(str(inputs.get('model_id')))}); real <code>{html.escape(str(inputs.get('real', '')))}</code>: "
@@ -188,7 +192,7 @@ def render_html(report: dict[str, Any], figures: dict[str, Any]) -> str:
         f"{html.escape(inputs['features'])}. f2m-ray {html.escape(report['tool_version'])}, {report['seconds']} s.</p>",
     ]
     parts += [f"<p class='note'>{html.escape(n)}</p>" for n in report.get("notes", [])]
-    parts += ["<h2>Per category and overall</h2>", f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>",
+    parts += ["<h2>Per category and overall</h2>", f"<div class='wide'><table><tr><th>category</th>{head}</tr>{''.join(rows)}</table></div>",
               "<p>FD: Frechet distance in judge features; compare <em>synthetic vs real half B</em> with the floor "
               "(same sizes, same reference). Memorized: share of synthetic masses at or below percentile "
               f"{report['memorization_threshold']['percentile']:g} of held-out-real-to-seen distances "

@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 from f2m_ray.checkpoint import find_checkpoint
 from f2m_ray.config import Preset
+from f2m_ray.data.phantom import MASS_PROBE_SEED, mass_probe
 from f2m_ray.errors import F2MError, first_line
 from f2m_ray.runtime.env import worker_env
 from f2m_ray.runtime.errors import ray_error_line, unwrap_training_error
@@ -161,6 +162,8 @@ def train(
         "data": options.data,
         "train_rows": data.train_rows,
         "samples": data.samples,
+        # Phantom data: held-out phantoms with their true lesions, scored with each sample grid.
+        "mass_probe": _mass_probe(options.data, cfg.seed),
         "chance": data.chance,
         "shuffle_buffer": max(per_worker, min(2048, data.train_rows // workers)),
         "session": uuid.uuid4().hex,  # tells a restart of this call's workers from an earlier call's start
@@ -182,6 +185,13 @@ def train(
     metrics = dict(result.metrics) if result.metrics else None
     end_epoch = int(metrics["epoch"]) if metrics else cfg.epochs
     return TrainSummary(run_dir, options.name, start_epoch, end_epoch, final, metrics, bank, startup)
+
+
+def _mass_probe(data: str, seed: int) -> dict[str, Any] | None:
+    """Held-out phantoms for a run on phantoms (rendered with another seed than the training set's)."""
+    if not (data == "phantom" or data.startswith("phantom:")):
+        return None
+    return mass_probe(seed=MASS_PROBE_SEED if seed != MASS_PROBE_SEED else MASS_PROBE_SEED + 1)
 
 
 def _check_before_ray(preset: Preset, options: RunOptions) -> dict[str, Any] | None:

@@ -43,6 +43,8 @@ def format_epoch_line(metrics: dict, total_epochs: int) -> str:
         + (f", mix adv {metrics['g_mix_adversarial']:.3f}" if "g_mix_adversarial" in metrics else "") + ")  "
         f"L1 {metrics['l1']:.4f}" + (f" val {val_l1:.4f}" if val_l1 is not None else "") + "  "
         f"D label acc on real val: margin {acc('val_margin_accuracy')} shape {acc('val_shape_accuracy')}"
+        + (f"  mass fidelity {metrics['mass_fidelity']:.2f} identity {metrics['mass_identity']:.2f}"
+           if metrics.get("mass_fidelity") is not None else "")
     )
 
 

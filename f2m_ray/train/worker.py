@@ -13,16 +13,18 @@ import time
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from f2m_ray.core.augment import augment
-from f2m_ray.checkpoint import load_checkpoint, save_checkpoint
+from f2m_ray.core.mass_metrics import mass_fidelity
+from f2m_ray.checkpoint import AVERAGE_KEY, load_checkpoint, save_checkpoint
 from f2m_ray.config import Preset
 from f2m_ray.errors import F2MError
 from f2m_ray.core.networks import build_networks
 from f2m_ray.runtime.console import quiet_train_reports
 from f2m_ray.runtime.trainer import threads_per_worker
-from f2m_ray.core.step import Feature2MassStep, make_optimizers, to_model_batch, unwrap
+from f2m_ray.core.step import Feature2MassStep, WeightAverage, make_optimizers, to_model_batch, unwrap
 from f2m_ray.storage import join
 from f2m_ray.train.report import LOSS_CURVE_FILE, SAMPLES_DIR, loss_curve_png, read_metrics, sample_grid_png, start_event, write_bytes, write_metrics
 from f2m_ray.train.data import SAMPLES_PER_CATEGORY
@@ -148,8 +150,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     nets = build_networks(preset.model)
-    start_epoch, step, optim_state = _resume(nets, preset, config["run_dir"])
-    nets, optimizers, train_step, augment_rng = _prepare(nets, preset, optim_state, bf16, rank)
+    start_epoch, step, optim_state, average_state = _resume(nets, preset, config["run_dir"])
+    nets, optimizers, train_step, augment_rng = _prepare(nets, preset, optim_state, average_state, bf16, rank)
     history = _start_history(config, start_epoch) if rank == 0 else []
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")  # not split: rank 0 evaluates all of it
@@ -158,27 +160,28 @@ def train_worker(config: dict[str, Any]) -> None:
                                      device)
         metrics.update(world_size=world, threads_per_worker=threads, device=device.type, worker_start_time=worker_start)
         _end_epoch(epoch, step, metrics, history, nets, optimizers, val_data, preset, config, rank, world, bf16,
-                   device)
+                   device, train_step.average)
 
 
-def _resume(nets, preset: Preset, run_dir: str) -> tuple[int, int, dict[str, Any] | None]:
-    """Load Ray Train's checkpoint into `nets` if there is one: (epoch, step, optimizer state)."""
+def _resume(nets, preset: Preset, run_dir: str):
+    """Load Ray Train's checkpoint into `nets` if there is one: (epoch, step, optimizer state, G's average)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0, 0, None
+        return 0, 0, None, None
     with checkpoint.as_directory() as directory:
         loaded = load_checkpoint(directory, with_optimizer=True)
     if not same_model(loaded.preset, preset):
         raise F2MError(preset_mismatch_message(run_dir, loaded.preset, preset))
     for net, key in zip(nets, ("generator", "d_margin", "d_shape")):
         net.load_state_dict(loaded.model_state[key])
-    return loaded.epoch, loaded.step, loaded.optim_state
+    return loaded.epoch, loaded.step, loaded.optim_state, loaded.model_state.get(AVERAGE_KEY)
 
 
-def _prepare(nets, preset: Preset, optim_state, bf16: bool, rank: int):
-    """DDP-wrapped nets, their optimizers (with resumed state), the GAN step and its augmentation RNG."""
+def _prepare(nets, preset: Preset, optim_state, average_state, bf16: bool, rank: int):
+    """DDP-wrapped nets, their optimizers (with resumed state), the GAN step (with G's weight average when
+    TrainConfig.ema_kimg asks for one) and its augmentation RNG."""
     import ray.train.torch
 
     cfg = preset.train
@@ -189,9 +192,15 @@ def _prepare(nets, preset: Preset, optim_state, bf16: bool, rank: int):
         optimizer_g.load_state_dict(optim_state["generator"])
         optimizer_d.load_state_dict(optim_state["discriminators"])
     augment_rng = torch.Generator()
+    average = None
+    if cfg.ema_kimg > 0:
+        average = WeightAverage(nets[0], cfg.ema_kimg * 1000, cfg.batch_size)
+        if average_state:  # else it starts from the (resumed) live weights
+            average.module.load_state_dict(average_state)
     train_step = Feature2MassStep(*nets, optimizer_g, optimizer_d, preset.loss, bf16,
                                   d_augment=cfg.d_augment, augment_generator=augment_rng,
-                                  mix_generator=torch.Generator().manual_seed(cfg.seed * 1009 + rank))
+                                  mix_generator=torch.Generator().manual_seed(cfg.seed * 1009 + rank),
+                                  average=average)
     return nets, (optimizer_g, optimizer_d), train_step, augment_rng
 
 
@@ -236,6 +245,8 @@ def _train_epoch(epoch: int, step: int, nets, train_step, augment_rng, train_sha
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         _average_buffers(nets, world)
+        if train_step.average is not None:
+            train_step.average.copy_buffers(nets[0])
     means = (sums / counts.clamp(min=1)).tolist()
     checksums = [state_checksum(*nets)]
     if world > 1:
@@ -256,7 +267,8 @@ def _train_epoch(epoch: int, step: int, nets, train_step, augment_rng, train_sha
 
 
 def _end_epoch(epoch: int, step: int, metrics: dict[str, Any], history: list[dict], nets, optimizers, val_data,
-               preset: Preset, config: dict[str, Any], rank: int, world: int, bf16: bool, device) -> None:
+               preset: Preset, config: dict[str, Any], rank: int, world: int, bf16: bool, device,
+               average: WeightAverage | None = None) -> None:
     """Rank 0: evaluation, metrics.jsonl, loss curve, sample grid, checkpoint. Every rank: ray.train.report."""
     import ray.train
 
@@ -270,7 +282,10 @@ def _end_epoch(epoch: int, step: int, metrics: dict[str, Any], history: list[dic
             batches_val = val_data.iter_torch_batches(batch_size=VAL_BATCH, device=device)
             metrics.update(evaluate_real(generator, d_margin, d_shape, batches_val, device, bf16))
             if final or epoch % cfg.sample_every == 0:
-                _write_sample_grid(run_dir, epoch, generator, config["samples"], device)
+                drawing = average.module if average is not None else generator  # what synthesis will use
+                _write_sample_grid(run_dir, epoch, drawing, config["samples"], device)
+                if config.get("mass_probe"):
+                    metrics.update(probe_masses(drawing, config["mass_probe"], device))
             metrics["checkpoint"] = checkpoint_dir_name(epoch) if save_now else None
             metrics["time"] = time.time()
             history.append(metrics)
@@ -283,6 +298,7 @@ def _end_epoch(epoch: int, step: int, metrics: dict[str, Any], history: list[dic
                     optimizers={"generator": optimizers[0], "discriminators": optimizers[1]},
                     extra={"run": os.path.basename(run_dir.rstrip("/")), "data": config["data"],
                            "world_size": world, "train_rows": config["train_rows"]},
+                    generator_average=average.module if average is not None else None,
                 )
                 ray_checkpoint = ray.train.Checkpoint.from_directory(local_dir)
         ray.train.report(
@@ -290,6 +306,26 @@ def _end_epoch(epoch: int, step: int, metrics: dict[str, Any], history: list[dic
             checkpoint=ray_checkpoint,
             checkpoint_dir_name=checkpoint_dir_name(epoch) if save_now else None,
         )
+
+
+@torch.no_grad()
+def probe_masses(generator, probe: dict[str, Any], device) -> dict[str, float]:
+    """Mass fidelity and identity of G's reconstructions of held-out phantoms (f2m_ray.data.phantom.mass_probe),
+    per category then averaged: whether G draws the mass it is given or a category template."""
+    net = unwrap(generator)
+    was_training = net.training
+    net.eval()
+    try:
+        recon = net(torch.as_tensor(probe["images"]).unsqueeze(1).to(device),
+                    torch.as_tensor(probe["margins"]).to(device),
+                    torch.as_tensor(probe["shapes"]).to(device)).float().squeeze(1).cpu().numpy()
+    finally:
+        net.train(was_training)
+    names = np.asarray(probe["categories"])
+    scores = [mass_fidelity(probe["images"][names == c], probe["masks"][names == c], recon[names == c])
+              for c in dict.fromkeys(probe["categories"])]
+    return {"mass_fidelity": float(np.mean([m.fidelity for m in scores])),
+            "mass_identity": float(np.mean([m.identity for m in scores]))}
 
 
 @torch.no_grad()
