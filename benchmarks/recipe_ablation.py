@@ -9,8 +9,8 @@ categories and scores them with their true lesion masks (f2m_ray.core.mass_metri
               on detail images; 0 = a category template, 1 = the mass itself (a 1-px blur: ~0.6)
     identity  share of masses whose own reconstruction is the nearest of the category's
 
-    python benchmarks/recipe_ablation.py                         # every variant, 800 steps each
-    python benchmarks/recipe_ablation.py --steps 300 --variants small,chosen
+    python benchmarks/recipe_ablation.py                         # every variant, 600 steps each
+    python benchmarks/recipe_ablation.py --steps 300 --variants template-recipe,"small (all)"
 """
 
 from __future__ import annotations
@@ -29,44 +29,47 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mass_fidelity import held_out, reconstruct  # noqa: E402
 from train_throughput import phantom_train_rows  # noqa: E402
 
-from f2m_ray.config import LossConfig, ModelConfig, Preset, build_dataclass, get_preset  # noqa: E402
+from f2m_ray.config import LossConfig, ModelConfig, Preset, TrainConfig, build_dataclass, get_preset  # noqa: E402
 from f2m_ray.core.augment import augment  # noqa: E402
 from f2m_ray.core.mass_metrics import mass_fidelity  # noqa: E402
 from f2m_ray.core.networks import build_networks  # noqa: E402
-from f2m_ray.core.step import Feature2MassStep, make_optimizers  # noqa: E402
+from f2m_ray.core.step import Feature2MassStep, WeightAverage, make_optimizers  # noqa: E402
 from f2m_ray.labels import PAPER_CATEGORIES  # noqa: E402
 
-# name -> (model overrides, loss overrides) applied to the `small` preset of before these levers
+# name -> (model, loss, train overrides) applied to the template recipe; the values `small` uses now
 LEVERS = {
-    "resize": ({"upsample": "resize"}, {}),
-    "no-g-labels": ({}, {"lambda_generator_labels": 0.0}),
-    "feature-matching": ({}, {"lambda_feature_matching": 10.0}),
-    "gradient-l1": ({}, {"lambda_gradient": 100.0}),
-    "low-adversarial": ({}, {"lambda_adversarial": 0.1}),
+    "resize": ({"upsample": "resize"}, {}, {}),
+    "no-g-labels": ({}, {"lambda_generator_labels": 0.0}, {}),
+    "low-adversarial": ({}, {"lambda_adversarial": 0.03}, {}),
+    "gradient-l1": ({}, {"lambda_gradient": 100.0}, {}),
+    "ema": ({}, {}, {"ema_kimg": 1.0}),
 }
 VARIANTS = {
-    "template-recipe": [],  # `small` as it was: G's label term 3, adversarial 1, transposed convs
+    "template-recipe": [],  # `small` as it was: G's label term 3, adversarial 1, transposed convs, no EMA
     **{f"+{name}": [name] for name in LEVERS},
-    "all": list(LEVERS),
+    "small (all)": list(LEVERS),
 }
 AUTOENCODER = "autoencoder"  # the same G trained on L1 alone (no D): what the networks can draw
 
 
 def template_recipe() -> Preset:
-    """`small` with every lever at the paper's value: the recipe whose G drew one template per category."""
+    """`small` with every lever at its old value: the recipe whose G drew one template per category."""
     small = get_preset("small")
     return replace(small, model=replace(small.model, upsample="transposed"),
                    loss=replace(small.loss, lambda_generator_labels=3.0, lambda_adversarial=1.0,
-                                lambda_feature_matching=0.0, lambda_gradient=0.0))
+                                lambda_feature_matching=0.0, lambda_gradient=0.0),
+                   train=replace(small.train, ema_kimg=0.0))
 
 
 def variant_preset(levers: list[str]) -> Preset:
     base = template_recipe()
-    model, loss = asdict(base.model), asdict(base.loss)
+    model, loss, train = asdict(base.model), asdict(base.loss), asdict(base.train)
     for name in levers:
         model.update(LEVERS[name][0])
         loss.update(LEVERS[name][1])
-    return replace(base, model=build_dataclass(ModelConfig, model), loss=build_dataclass(LossConfig, loss))
+        train.update(LEVERS[name][2])
+    return replace(base, model=build_dataclass(ModelConfig, model), loss=build_dataclass(LossConfig, loss),
+                   train=build_dataclass(TrainConfig, train))
 
 
 def train_and_score(preset: Preset, rows, evalsets, steps: int, autoencoder: bool = False) -> dict:
@@ -75,8 +78,10 @@ def train_and_score(preset: Preset, rows, evalsets, steps: int, autoencoder: boo
     generator, d_margin, d_shape = build_networks(preset.model)
     optimizer_g, optimizer_d = make_optimizers(generator, d_margin, d_shape, preset.train)
     rng = torch.Generator().manual_seed(0)
+    average = (WeightAverage(generator, preset.train.ema_kimg * 1000, preset.train.batch_size)
+               if preset.train.ema_kimg > 0 and not autoencoder else None)
     step = Feature2MassStep(generator, d_margin, d_shape, optimizer_g, optimizer_d, preset.loss,
-                            d_augment=preset.train.d_augment, augment_generator=rng)
+                            d_augment=preset.train.d_augment, augment_generator=rng, average=average)
     order_rng = np.random.default_rng(0)
     batch = preset.train.batch_size
     order = np.zeros(0, dtype=np.int64)
@@ -97,15 +102,15 @@ def train_and_score(preset: Preset, rows, evalsets, steps: int, autoencoder: boo
         else:
             step(x, m, s)
         seconds += time.perf_counter() - start
-    generator.eval()
-    scores = [mass_fidelity(imgs, masks, reconstruct(generator, imgs, cat)) for imgs, masks, cat in evalsets]
+    drawing = average.module if average is not None else generator.eval()  # what synthesis would use
+    scores = [mass_fidelity(imgs, masks, reconstruct(drawing, imgs, cat)) for imgs, masks, cat in evalsets]
     return {"fidelity": [m.fidelity for m in scores], "identity": [m.identity for m in scores],
             "img_s": steps * batch / seconds, "seconds": seconds}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--variants", default=",".join([*VARIANTS, AUTOENCODER]))
     parser.add_argument("--per-category", type=int, default=32, help="held-out phantoms per category")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")

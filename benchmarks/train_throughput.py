@@ -35,6 +35,15 @@ from f2m_ray.core.images import to_model_range
 from f2m_ray.data.rows import assign_split
 from f2m_ray.core.step import Feature2MassStep, make_optimizers
 from f2m_ray.runtime.trainer import threads_per_worker
+from synthesis_throughput import matmul_peak
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
 
 
 @dataclass
@@ -95,6 +104,21 @@ def plain_loop(preset, images, margins, shapes, epochs: int, threads: int, devic
     return timings
 
 
+def step_flops(preset, batch: int = 8) -> float:
+    """FLOPs of one Feature2MassStep per image (D1 + D2 then G, forward and backward), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    nets = build_networks(preset.model)
+    step = Feature2MassStep(*nets, *make_optimizers(*nets, preset.train), preset.loss, d_augment=preset.train.d_augment,
+                            augment_generator=torch.Generator().manual_seed(0))
+    images = torch.rand(batch, 1, 64, 64) * 2 - 1
+    labels = torch.zeros(batch, dtype=torch.int64)
+    with FlopCounterMode(display=False) as counter:
+        step(images, labels, labels)
+    return counter.get_total_flops() / batch
+
+
 def steady(timings: list[EpochTiming]) -> float:
     later = timings[1:] or timings
     return sum(t.images for t in later) / sum(t.seconds for t in later)
@@ -150,6 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda":
         print(f"gpu: {torch.cuda.get_device_name(0)}")
     results: dict = {"preset": preset.name, "train_rows": len(images), "epochs": args.epochs, "device": args.device}
+    flops = step_flops(preset)
+    peak = matmul_peak(threads) if args.device == "cpu" else None
+    results.update(gflop_per_image=flops / 1e9, peak_gflop_s=peak)
+    if peak:
+        print(f"cpu: {cpu_name()}; fp32 matmul peak {peak:.0f} GFLOP/s on {threads} threads; "
+              f"a step is {flops / 1e9:.3f} GFLOP per image")
+    share = (lambda rate: rate * flops / 1e9 / peak) if peak else (lambda rate: float("nan"))  # noqa: E731
 
     plain_threads = threads if args.device == "cpu" else cores
     before = plain_loop(preset, images, margins, shapes, args.epochs, plain_threads, args.device, bf16)
@@ -157,8 +188,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  plain | epoch {t.epoch}: {t.steps} steps, {t.images / t.seconds:8.1f} img/s, "
               f"L1 {t.losses.get('l1', float('nan')):.4f}, D margin {t.losses.get('d_margin_loss', float('nan')):.3f}")
     results["plain_before_img_s"] = steady(before)
+    results["plain_share_of_peak"] = share(steady(before))
     if args.plain_only:
-        print(f"plain loop ({args.device}): {steady(before):.1f} img/s steady state")
+        print(f"plain loop ({args.device}): {steady(before):.1f} img/s steady state, "
+              f"{share(steady(before)):.2f} of the fp32 peak")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)
@@ -191,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{f'Ray Train ({args.workers} workers x {threads // args.workers} threads)':34}{timings[0].steps:>12}"
           f"{ray_rate:>14.1f}")
     print(f"ratio Ray Train / plain: {ray_rate / plain:.2f}")
+    print(f"share of the fp32 peak ({flops / 1e9:.3f} GFLOP per image): plain {share(plain):.2f}, "
+          f"Ray Train {share(ray_rate):.2f}")
+    results.update(plain_share_of_peak=share(plain), ray_share_of_peak=share(ray_rate))
     if single:
         print(f"{'plain loop (1 process x 1 thread)':34}{single[0].steps:>12}{steady(single):>14.1f}"
               f"   (batch {preset.train.batch_size // args.workers}; x {args.workers} = {args.workers * steady(single):.1f} ideal)")

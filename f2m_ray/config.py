@@ -183,20 +183,21 @@ PRESETS: dict[str, Preset] = {
     "paper": Preset("paper", ModelConfig()),
     # Same topology at a quarter of the widths (256-d feature): trains on a laptop CPU.
     # Batch 32 (lr kept at the paper's 2e-4): on a CPU the cost per image hardly depends on
-    # the batch, so half the batch gives twice the optimizer steps in the same 20-epoch,
-    # CPU-sized budget.
-    # D's label term on fakes at 0.1: with the paper's 1.0, D2 learned the shape marks G paints
-    # into its fakes and stayed at chance on real shape within this budget (0.21 at epoch 10,
-    # against 0.43 at epoch 9 with 0.1; README "Training").
-    # D sees every image through diff_augment and G's label weight lambda3 is 3, not 10: with the
-    # paper's setting, after 80 epochs G painted marks that D1/D2 read as the target labels (0.93 /
-    # 0.89 on G's reconstructions of unseen phantoms) and an independent judge did not (0.58 /
-    # 0.26); README "Training".
+    # the batch, so half the batch gives twice the optimizer steps in the same CPU-sized budget.
+    # D's label term on fakes at 0.1 and D augmentation: D learns margin and shape from real masses
+    # (with 1.0, D2 learned marks G painted into its fakes; README "Training").
+    # A recipe that draws the mass it is given, chosen by benchmarks/recipe_ablation.py (README
+    # "Masses of their own"): with the paper's G terms (adversarial 1, labels 3 here) G drew one
+    # outline per category whatever the input (held-out identity 0.25 after 800 steps); each of
+    # these moves it back towards its input: no label term for G (it paid G for a category
+    # prototype), a light adversarial term (0.03), L1 on image gradients (edges and outlines
+    # outweigh background shading), resize-conv upsampling (no checkerboard) and an EMA of G.
     "small": Preset(
         "small",
-        _scaled(16),
-        loss=LossConfig(fake_label_weight=0.1, lambda_generator_labels=3.0),
-        train=TrainConfig(epochs=20, batch_size=32, checkpoint_every=5, sample_every=5, d_augment=True),
+        replace(_scaled(16), upsample="resize"),
+        loss=LossConfig(fake_label_weight=0.1, lambda_generator_labels=0.0, lambda_adversarial=0.03,
+                        lambda_gradient=100.0),
+        train=TrainConfig(epochs=20, batch_size=32, checkpoint_every=5, sample_every=5, d_augment=True, ema_kimg=1.0),
     ),
     # An eighth of `small`: seconds per epoch, for tests and smoke runs.
     "tiny": Preset(

@@ -302,3 +302,40 @@ def test_feature_matching_pays_g_for_looking_like_its_input_to_d():
         totals.append(step(images, margins, shapes)["g_loss"].item())
     assert matched > 0
     assert totals[1] - totals[0] == pytest.approx(5.0 * float(matched), rel=0.05)
+
+
+def test_freezing_d_in_g_phase_changes_no_update_and_restores_its_gradients(monkeypatch):
+    import contextlib
+
+    from f2m_ray.core import step as step_module
+
+    def one_step():
+        """A step from a fixed start; whether G's phase added to D's weight gradients (D's own phase set them)."""
+        torch.manual_seed(0)
+        nets = build_networks(PRESETS["tiny"].model)
+        opt_g, opt_d = step_module.make_optimizers(*nets, PRESETS["tiny"].train)
+        after_d = {}
+        touched = []
+        d_step, g_step = opt_d.step, opt_g.step
+
+        def d_step_then_remember():
+            d_step()
+            after_d.update({n: p.grad.clone() for n, p in nets[1].named_parameters()})
+
+        def g_step_then_compare():
+            touched.append(any(not torch.equal(p.grad, after_d[n]) for n, p in nets[1].named_parameters()))
+            g_step()
+
+        opt_d.step, opt_g.step = d_step_then_remember, g_step_then_compare
+        step_module.Feature2MassStep(*nets, opt_g, opt_d, PRESETS["tiny"].loss)(*_toy())
+        return nets, touched[0]
+
+    frozen, frozen_touched = one_step()
+    assert all(p.requires_grad for net in frozen for p in net.parameters())  # restored after G's phase
+    assert not frozen_touched  # G's backward computed no weight gradient of D
+    monkeypatch.setattr(step_module, "_frozen", lambda module: contextlib.nullcontext())
+    plain, plain_touched = one_step()
+    assert plain_touched
+    for a, b in zip(frozen, plain):  # the same update of G, D1 and D2 either way
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, msg=name)

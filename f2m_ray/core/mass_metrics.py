@@ -110,6 +110,13 @@ def mass_fidelity(images: np.ndarray, masks: np.ndarray, reconstructions: np.nda
     return MassFidelity(float(per_mass.mean()), float((own < nearest_other).mean()), per_mass, n)
 
 
+def score_probe(probe: dict, reconstructions: np.ndarray) -> dict[str, MassFidelity]:
+    """Mass fidelity per category of reconstructions (N, H, W) of a probe's masses (f2m_ray.data.phantom.mass_probe)."""
+    names = np.asarray(probe["categories"])
+    return {c: mass_fidelity(probe["images"][names == c], probe["masks"][names == c], reconstructions[names == c])
+            for c in dict.fromkeys(probe["categories"])}
+
+
 def outline_masks(images: np.ndarray, chunk: int = 1024) -> np.ndarray:
     """(N, H, W) images, mass bright -> (N, H, W) bool: the bright region connected to the centre.
 

@@ -147,6 +147,9 @@ class Feature2MassStep:
             for d in (self.d_margin, self.d_shape):
                 if hasattr(d, "no_sync"):  # DDP: D's gradients from this phase are discarded
                     stack.enter_context(d.no_sync())
+                # D's weights are constants here: backward computes the gradient of D's input only,
+                # not of its weights (which the next D phase would discard): a third of D's backward.
+                stack.enter_context(_frozen(d))
             with self._autocast():
                 g_m, g_m_labels = self.d_margin(self._seen(fake))
                 g_s, g_s_labels = self.d_shape(self._seen(fake))
@@ -185,6 +188,19 @@ class Feature2MassStep:
             "l1": loss_g["l1"].detach(),
             **mix_terms,  # G's terms on decoded mixes, when LossConfig.lambda_mix > 0
         }
+
+
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module):
+    """Parameters that need no gradient inside the block (their requires_grad restored after)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class WeightAverage:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from f2m_ray.core.augment import augment
-from f2m_ray.core.mass_metrics import mass_fidelity
+from f2m_ray.core.mass_metrics import score_probe
 from f2m_ray.checkpoint import AVERAGE_KEY, load_checkpoint, save_checkpoint
 from f2m_ray.config import Preset
 from f2m_ray.errors import F2MError
@@ -321,9 +321,7 @@ def probe_masses(generator, probe: dict[str, Any], device) -> dict[str, float]:
                     torch.as_tensor(probe["shapes"]).to(device)).float().squeeze(1).cpu().numpy()
     finally:
         net.train(was_training)
-    names = np.asarray(probe["categories"])
-    scores = [mass_fidelity(probe["images"][names == c], probe["masks"][names == c], recon[names == c])
-              for c in dict.fromkeys(probe["categories"])]
+    scores = list(score_probe(probe, recon).values())
     return {"mass_fidelity": float(np.mean([m.fidelity for m in scores])),
             "mass_identity": float(np.mean([m.identity for m in scores]))}
 
