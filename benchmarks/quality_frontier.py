@@ -12,6 +12,8 @@ were trained on; the real and mixup arms are shared by all models). Printed per 
 
     spread    mean pairwise RMS pixel difference of a category's masses / that of its held-out
               real ROIs (images in [-1, 1]); min and median over categories
+    outline spread  mean 1 - IoU between the segmented masses of a category, synthetic / held-out
+              real (f2m_ray.core.mass_metrics), median over categories
     contrast  mean per-image pixel standard deviation, synthetic / held-out real (median)
     coverage, recall (Naeem et al. k = 5; Kynkaanniemi et al. k = 3), overall, judge features
     FD/floor  overall Frechet distance to real half B over the real half-A/half-B floor
@@ -116,7 +118,15 @@ def row_of(report: dict, per_category: dict[str, dict[str, float]]) -> dict[str,
         "fd_over_floor": overall["realism"]["ratio_to_floor"],
         "fidelity_margin": fidelity["margin"], "fidelity_shape": fidelity["shape"],
         "memorized_pixels": overall["memorization"]["share_pixels"],
+        # outlines (f2m_ray.core.mass_metrics): a template in varied light has spread near 0 whatever its background
+        "outline_spread_median": _median_ratio(report, "outline_spread"),
     }
+
+
+def _median_ratio(report: dict, metric: str) -> float | None:
+    ratios = [g[metric]["ratio"] for name, g in report["groups"].items()
+              if name != "overall" and g.get(metric, {}).get("ratio") is not None]
+    return float(np.median(ratios)) if ratios else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--usefulness-real", type=int, default=200, help="R: real ROIs of every usefulness arm")
     parser.add_argument("--usefulness-synthetic", type=int, default=4000, help="S: synthetic masses per arm")
     parser.add_argument("--usefulness-steps", type=int, default=1000)
-    parser.add_argument("--seeds", type=int, default=3, help="classifier seeds per arm")
+    parser.add_argument("--seeds", type=int, default=5, help="classifier seeds per arm")
     parser.add_argument("--usefulness-schemes", default="variance-preserving,paper",
                         help="comma-separated SCHEME (for every model) or MODEL/SCHEME entries that get a real + "
                              "synthetic usefulness arm (each arm costs SEEDS classifiers)")
@@ -213,20 +223,20 @@ def main(argv: list[str] | None = None) -> None:
         json.dump({"models": models, "schemes": schemes, "n": args.n, "real": args.real, "results": results,
                    "usefulness": useful,
                    "seconds": round(time.perf_counter() - started, 1)}, f, indent=1, default=float)
-    header = ("model", "scheme", "spread min", "spread med", "contrast", "coverage", "recall", "FD/floor",
-              "fid. margin", "fid. shape", "memorized", "useful (points)")
+    header = ("model", "scheme", "spread min", "spread med", "outline spread med", "contrast", "coverage", "recall",
+              "FD/floor", "fid. margin", "fid. shape", "memorized", "useful (points)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, rows in results.items():
         r = rows.get("reconstruction")
         if r:
             print(f"| {name} | reconstruction (K = 1) | {r['spread_min']:.2f}x | {r['spread_median']:.2f}x | "
-                  f"{r['contrast_median']:.2f}x |" + " |" * 7)
+                  f" |{r['contrast_median']:.2f}x |" + " |" * 7)
         for scheme in schemes:
             r = rows[scheme]
             useful = f"{r['useful_points']:+.1f} +- {r['useful_sd']:.1f}" if "useful_points" in r else "-"
             cells = [name, scheme, fmt(r["spread_min"], "{:.2f}x"), fmt(r["spread_median"], "{:.2f}x"),
-                     fmt(r["contrast_median"], "{:.2f}x"), fmt(r["coverage"]), fmt(r["recall"]),
+                     fmt(r.get("outline_spread_median"), "{:.2f}x"), fmt(r["contrast_median"], "{:.2f}x"), fmt(r["coverage"]), fmt(r["recall"]),
                      fmt(r["fd_over_floor"], "{:.1f}"), fmt(r["fidelity_margin"]), fmt(r["fidelity_shape"]),
                      fmt(r["memorized_pixels"] and 100 * r["memorized_pixels"], "{:.1f}%"), useful]
             print("| " + " | ".join(cells) + " |")

@@ -80,6 +80,18 @@ def mass_scores(export: str, per_category: int = 64) -> dict[str, dict[str, floa
     return scores
 
 
+SHEET = "masses.png"
+
+
+def sheet(export: str) -> None:
+    """masses.png: held-out phantoms, their reconstructions and synthesized masses, per paper category."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "mass_sheet.py")
+    subprocess.run([sys.executable, script, "--model", f"this model={export}", "--per-row", "10",
+                    "--out", os.path.join(export, SHEET)], check=True)
+
+
 def history(run_dir: str) -> list[dict]:
     from f2m_ray.train.report import read_metrics
 
@@ -137,6 +149,8 @@ def card(meta: dict, rows: list[dict], error: dict, sizes: dict[str, int], bank_
         "template, 1 = the mass itself, a 1-px blur of the input about 0.6; identity = share of masses whose own "
         "reconstruction is the nearest of the category's):",
         "",
+        f"![held-out phantoms, their reconstructions and synthesized masses]({SHEET})",
+        "",
         "| category | mass fidelity | identity |",
         "|---|---:|---:|",
         *[f"| {name} | {v['fidelity']:.2f} | {v['identity']:.2f} |" for name, v in masses.items()],
@@ -182,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     bank_meta = load_feature_bank(os.path.join(building, "feature_bank.parquet")).metadata
     sizes = {name: os.path.getsize(os.path.join(building, name)) for name in sorted(os.listdir(building))}
     masses = mass_scores(building)
+    sheet(building)
     with open(os.path.join(building, MODEL_CARD), "w", encoding="utf-8") as f:
         f.write(card(meta, history(run_dir), error, sizes, bank_meta, masses))
     total = sum(os.path.getsize(os.path.join(building, n)) for n in os.listdir(building))

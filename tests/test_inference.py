@@ -9,7 +9,7 @@ from f2m_ray.checkpoint import load_generator
 from f2m_ray.config import get_preset
 from f2m_ray.core.images import to_uint8
 from f2m_ray.core.inference import InferenceDecoder, _ConvT, _Dense, fold_batchnorm, inference_decoder
-from f2m_ray.core.networks import build_networks
+from f2m_ray.core.networks import ResizeConv2d, build_networks
 from f2m_ray.pretrained import shipped_model
 
 
@@ -23,6 +23,8 @@ def _trained_like(preset: str) -> torch.nn.Module:
             module.running_var.uniform_(0.3, 3.0)
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.normal_(0.0, 0.2)
+        elif isinstance(module, ResizeConv2d):
+            torch.nn.init.kaiming_normal_(module.weight3, a=0.2)
         elif isinstance(module, torch.nn.ConvTranspose2d):
             torch.nn.init.kaiming_normal_(module.weight, a=0.2)
     return generator.eval()

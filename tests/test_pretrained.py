@@ -19,7 +19,7 @@ from f2m_ray.checkpoint import model_card
 from f2m_ray.pretrained import MODEL_CARD, SHIPPED_MODEL, named_model, shipped_model
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_FILES = ["MODEL_CARD.md", "f2m_checkpoint.json", "feature_bank.parquet", "model.pt"]
+SHIPPED_FILES = ["MODEL_CARD.md", "f2m_checkpoint.json", "feature_bank.parquet", "masses.png", "model.pt"]
 
 
 def test_the_shipped_model_is_small_complete_and_self_consistent():
@@ -28,7 +28,7 @@ def test_the_shipped_model_is_small_complete_and_self_consistent():
     assert sum(os.path.getsize(os.path.join(path, n)) for n in SHIPPED_FILES) <= 15_000_000
     generator, meta = load_generator(path)  # JSON + torch.load(weights_only=True): no code runs
     assert meta["preset"]["name"] == "small" and meta["export"]["weights_dtype"] == "float16"
-    assert meta["export"]["recipe"] == {"preset": "small", "data": "phantom:2000", "epochs": 40, "seed": 0, "workers": 2}
+    assert meta["export"]["recipe"] == {"preset": "small", "data": "phantom:2000", "epochs": 60, "seed": 0, "workers": 2}
     stored = torch.load(os.path.join(path, "model.pt"), weights_only=True)
     assert set(stored) == {"generator"}
     bank = load_feature_bank(os.path.join(path, "feature_bank.parquet"))
@@ -45,6 +45,12 @@ def test_the_model_card_names_the_model_and_how_to_rebuild_it():
     card = model_card(path)
     assert card.startswith("# small-phantom") and f"model id `{meta['model_id']}`" in card
     assert "python jobs/build_pretrained.py" in card and "not on mammograms" in card
+    # its figures: mass fidelity and identity per paper category, and the picture they describe
+    assert "| spiculated-irregular |" in card and "](masses.png)" in card
+    from PIL import Image
+
+    with Image.open(os.path.join(path, "masses.png")) as picture:  # 3 categories x (real, reconstructed, synthesized)
+        assert picture.size == (200 + 10 * 128, 9 * 128) and picture.mode == "L"
 
 
 def test_model_info_prints_the_shipped_models_card():
