@@ -95,10 +95,10 @@ def reconstruction_figures(model: str, bank, real_all, heldout_mask: np.ndarray)
     """Spread and contrast of the decodes of the bank's own features (K = 1): what the decoder keeps."""
     import torch
 
-    from f2m_ray.checkpoint import find_checkpoint, load_checkpoint
+    from f2m_ray.checkpoint import load_generator
     from f2m_ray.core.images import to_uint8
 
-    generator = load_checkpoint(find_checkpoint(model)).generator()
+    generator, _ = load_generator(model)  # a training checkpoint or a synthesis-only export
     with torch.inference_mode():
         decoded = generator.decode(torch.from_numpy(np.asarray(bank.features, dtype=np.float32))).numpy()[:, 0]
     images = to_uint8(decoded).astype(np.float32) / 127.5 - 1.0  # as stored: 8-bit
