@@ -15,9 +15,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from f2m_ray.croissant import CROISSANT_NAME, source_words
+from f2m_ray.schema import DATA_DIR
+
 CARD_NAME = "README.md"
 CARD_MARKER = "<!-- written by f2m-ray synthesize: replaced when the dataset is rewritten -->"
 ALL_CONFIG = "all"
+LICENSE_NAME = "terms of the model's training data and of the seed ROIs"
+LICENSE_LINK = "README.md#license"  # the card's own License section says whose terms apply
 
 
 def _yaml_feature(name: str, feature: dict[str, Any], indent: str) -> list[str]:
@@ -46,14 +51,36 @@ def _quote(text: str) -> str:
     return json.dumps(text)  # a JSON string is a valid YAML scalar
 
 
-def card_header(counts: dict[str, int], features: dict[str, dict[str, Any]]) -> list[str]:
+def _source_datasets(provenance: dict[str, Any]) -> list[str]:
+    """The hub's `source_datasets`: `original` for phantoms, else `extended|DATA` for the real data behind the masses."""
+    specs = [provenance.get("model_training_data"), provenance.get("seed_data")]
+    sources = []
+    for spec in specs:
+        if not isinstance(spec, str) or not spec:
+            continue
+        entry = "original" if spec.startswith("phantom") else f"extended|{spec.split(':', 1)[0]}"
+        if entry not in sources:
+            sources.append(entry)
+    return sources or ["original"]
+
+
+def card_header(counts: dict[str, int], features: dict[str, dict[str, Any]],
+                provenance: dict[str, Any] | None = None) -> list[str]:
     rows = sum(counts.values())
     lines = [
         "---",
         f"pretty_name: {_quote('Synthetic BI-RADS breast masses (f2m-ray, Feature2Mass)')}",
         "license: other",
+        f"license_name: {_quote(LICENSE_NAME)}",
+        f"license_link: {_quote(LICENSE_LINK)}",
+        "annotations_creators:",
+        "- machine-generated",
+        "source_datasets:",
+        *[f"- {_quote(source)}" for source in _source_datasets(provenance or {})],
         "task_categories:",
         "- image-classification",
+        "task_ids:",
+        "- multi-class-image-classification",
         "tags:",
         "- synthetic",
         "- medical-imaging",
@@ -67,14 +94,14 @@ def card_header(counts: dict[str, int], features: dict[str, dict[str, Any]]) -> 
         "  default: true",
         "  data_files:",
         "  - split: train",
-        f"    path: {_quote('*/part-*.parquet')}",
+        f"    path: {_quote(DATA_DIR + '/*/part-*.parquet')}",
     ]
     for category in sorted(counts):
         lines += [
             f"- config_name: {category}",
             "  data_files:",
             "  - split: train",
-            f"    path: {_quote(category + '/part-*.parquet')}",
+            f"    path: {_quote(f'{DATA_DIR}/{category}/part-*.parquet')}",
         ]
     lines += ["dataset_info:", "  features:"]
     for name, feature in features.items():
@@ -89,6 +116,7 @@ def card_text(manifest: dict[str, Any], features: dict[str, dict[str, Any]]) -> 
     arguments = manifest.get("arguments", {})
     guards = manifest.get("guards", {})
     rows = sum(counts.values())
+    trained_words, seed_words = source_words(manifest.get("provenance") or {})
     body = [
         CARD_MARKER,
         "",
@@ -133,16 +161,27 @@ def card_text(manifest: dict[str, Any], features: dict[str, dict[str, Any]]) -> 
         f"ds = load_dataset(\"PATH\")                        # config {_quote(ALL_CONFIG)}: every category",
         f"one = load_dataset(\"PATH\", {_quote(sorted(counts)[0])})  # one category",
         "",
+        "import pandas as pd",
+        "df = pd.read_parquet(\"PATH/data\")                # any Parquet reader: the folder data/",
+        "",
         "from f2m_ray.synthetic import SyntheticTorchDataset, open_synthetic",
         "torch_ds = SyntheticTorchDataset(\"PATH\")          # (image (1, 64, 64) in [-1, 1], margin id, shape id)",
         "ray_ds = open_synthetic(\"PATH\")                   # a Ray Dataset",
         "```",
         "",
+        "The Parquet files are under `data/CATEGORY/`; `_manifest.json` lists them, and "
+        f"`{CROISSANT_NAME}` describes the dataset in MLCommons Croissant (fields and responsible-AI notes).",
+        "",
+        "## License",
+        "",
+        f"The masses are decoded from a model trained on {trained_words}, mixing the features of seed ROIs from "
+        f"{seed_words}. They carry the terms of that data: check them before you share or publish this dataset.",
+        "",
         "Synthetic data: not for diagnosis. Check label fidelity and realism against your own real data "
         "(`f2m-ray evaluate`) before training on it.",
         "",
     ]
-    return "\n".join(card_header(counts, features) + body)
+    return "\n".join(card_header(counts, features, manifest.get("provenance")) + body)
 
 
 def is_our_card(text: str) -> bool:

@@ -56,7 +56,11 @@ import pyarrow as pa
 
 from f2m_ray.errors import F2MError
 
-SCHEMA_VERSION = 2  # synthetic rows; bump on any change a reader could notice
+SCHEMA_VERSION = 3  # synthetic datasets; bump on any change a reader could notice
+# Version 3 moved the Parquet files from OUT/CATEGORY/ to OUT/DATA_DIR/CATEGORY/ (the rows are those of
+# version 2), so that OUT/data reads with any Parquet reader's plain one-liner beside the card at OUT/README.md.
+READABLE_SCHEMA_VERSIONS = (2, 3)
+DATA_DIR = "data"
 BANK_SCHEMA_VERSION = 1
 METADATA_KEY = b"f2m_ray"
 BANK_METADATA_KEY = b"f2m_ray_bank"

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from f2m_ray.errors import F2MError
-from f2m_ray.schema import MANIFEST_NAME, SCHEMA_VERSION, decode_png, decoded_images
+from f2m_ray.schema import MANIFEST_NAME, READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, decode_png, decoded_images
 from f2m_ray.storage import arrow_filesystem, filesystem, join
 
 LABEL_COLUMNS = ("margin_id", "shape_id")
@@ -38,9 +38,12 @@ def read_manifest(path: str) -> dict[str, Any]:
         raise F2MError(f"corrupt manifest {join(path, MANIFEST_NAME)}: not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "f2m-ray-synthetic":
         raise F2MError(f"{join(path, MANIFEST_NAME)} is not an f2m-ray synthetic dataset manifest")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if manifest.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_SCHEMA_VERSIONS)
+        newer = isinstance(manifest.get("schema_version"), int) and manifest["schema_version"] > SCHEMA_VERSION
         raise F2MError(
-            f"{path} has schema version {manifest.get('schema_version')}; this f2m-ray reads version {SCHEMA_VERSION}"
+            f"{path} has schema version {manifest.get('schema_version')}; this f2m-ray reads versions {readable}"
+            + ("; upgrade f2m-ray to read it" if newer else "")
         )
     return manifest
 
@@ -171,8 +174,15 @@ def inspect_dataset(path: str) -> dict[str, Any]:
         "bytes": total_bytes,
         "counts": manifest["counts"],
         "arguments": manifest.get("arguments", {}),
-        "notes": manifest.get("notes", []),
+        "notes": manifest.get("notes", []) + _layout_notes(manifest),
     }
+
+
+def _layout_notes(manifest: dict[str, Any]) -> list[str]:
+    if manifest["schema_version"] < 3:
+        return ["this dataset uses the version-2 layout (the Parquet at OUT/CATEGORY/, beside the card): f2m-ray reads "
+                "it; for plain Parquet readers on OUT/data, write it again with `f2m-ray synthesize ... --overwrite`"]
+    return []
 
 
 def sample_images(path: str, per_category: int = 8) -> dict[str, list[np.ndarray]]:

@@ -97,7 +97,7 @@ def test_a_node_lost_mid_synthesis_leaves_exactly_the_bytes_of_an_undisturbed_ru
             str(ROWS_PER_FILE), "--workers", "2", *SLOW]
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     proc = f2m([*args, "--out", "lost"], tmp_path, env)
-    folder = tmp_path / "lost" / CATEGORY
+    folder = tmp_path / "lost" / "data" / CATEGORY
     wait_for(lambda: folder.is_dir() and len(list(folder.glob("part-*.parquet"))) >= 4, "4 finished files", proc)
     kill_the_node_running(cluster, "ShardSynthesizer")
     stdout, stderr = proc.communicate(timeout=300)

@@ -155,7 +155,7 @@ def test_guarded_run_is_the_same_on_two_ray_actors_and_after_resume(plain, model
         assert on_ray[column].tolist() == reference[column].tolist(), column
     # Resume: one file lost; the guard counts of the kept file come from its metadata.
     (out / MANIFEST_NAME).unlink()
-    next((out / CATEGORY).glob("part-000150-*.parquet")).unlink()
+    next((out / "data" / CATEGORY).glob("part-000150-*.parquet")).unlink()
     synthesize(config(model, out, n=N, rows_per_file=ROWS_PER_FILE, resume=True, **guards), report=None,
                use_ray=False)
     assert json.loads((out / MANIFEST_NAME).read_text())["guards"] == manifest["guards"]

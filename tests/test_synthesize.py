@@ -12,7 +12,9 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import polars
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
@@ -146,30 +148,37 @@ def check_rows(frame: pd.DataFrame, model: str) -> None:
 def test_local_files_and_manifest(local_run, model):
     out, summary = local_run
     assert (summary.rows, summary.files, summary.written_rows) == (1000, 4, 1000)
-    names = sorted(os.listdir(out / CATEGORY))
+    assert sorted(os.listdir(out)) == ["README.md", "_manifest.json", "_run.json", "croissant.json", "data"]
+    assert os.listdir(out / "data") == [CATEGORY]
+    names = sorted(os.listdir(out / "data" / CATEGORY))
     assert names == [f"part-{a:06d}-{a + 249:06d}.parquet" for a in (0, 250, 500, 750)]
     manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["counts"] == {CATEGORY: 1000} and manifest["schema_version"] == SCHEMA_VERSION == 2
+    assert manifest["counts"] == {CATEGORY: 1000} and manifest["schema_version"] == SCHEMA_VERSION == 3
     assert manifest["model_id"] == load_checkpoint(model).model_id
-    assert [f["path"] for f in manifest["files"]] == [f"{CATEGORY}/{n}" for n in names]
+    assert [f["path"] for f in manifest["files"]] == [f"data/{CATEGORY}/{n}" for n in names]
     assert manifest["arguments"]["k"] == 20 and manifest["arguments"]["seed"] == 0
     assert manifest["arguments"]["mixing"] == "variance-preserving" == manifest["fingerprint"]["mixing"]
-    metadata = json.loads(pads.dataset(str(out / CATEGORY / names[0])).schema.metadata[b"f2m_ray"])
+    metadata = json.loads(pads.dataset(str(out / "data" / CATEGORY / names[0])).schema.metadata[b"f2m_ray"])
     assert metadata["run"]["mixing"] == "variance-preserving" and metadata["run"]["k"] == 20
 
 
 def test_local_reads_back_everywhere(local_run, model):
     out, _ = local_run
     check_rows(read_table(str(out)).to_pandas(), model)  # the library
-    # pandas and pyarrow on the folder: past the dataset card (README.md), which they would read as Parquet
-    check_rows(pd.read_parquet(out, ignore_prefixes=[".", "_", "README"]), model)
-    check_rows(pd.read_parquet(out / CATEGORY), model)  # one category's folder
-    check_rows(pads.dataset(str(out), format="parquet", exclude_invalid_files=True).to_table().to_pandas(), model)
+    # each reader's plain one-liner on OUT/data, as the README shows them: no flag to skip the card
+    check_rows(pd.read_parquet(f"{out}/data"), model)
+    check_rows(pd.read_parquet(f"{out}/data/{CATEGORY}"), model)  # one category's folder
+    check_rows(pq.read_table(f"{out}/data").to_pandas(), model)
+    check_rows(pads.dataset(f"{out}/data").to_table().to_pandas(), model)
+    check_rows(polars.read_parquet(f"{out}/data").to_pandas(), model)
     counts = duckdb.sql(f"select count(*), count(distinct sample_id), min(category), max(category), "
-                        f"max(abs(list_sum(weights) - 1)) from read_parquet('{out}/**/*.parquet')").fetchall()[0]
+                        f"max(abs(list_sum(weights) - 1)) from '{out}/data/**/*.parquet'").fetchall()[0]
     assert counts[:4] == (1000, 1000, CATEGORY, CATEGORY) and counts[4] < 1e-9
-    dataset = open_synthetic(str(out))  # Ray Data
+    dataset = open_synthetic(str(out))  # Ray Data, through the manifest
     assert dataset.count() == 1000 and "image" in dataset.schema().names
+    import ray
+
+    check_rows(ray.data.read_parquet(f"{out}/data").to_pandas(), model)  # Ray Data's own one-liner
 
 
 def test_hugging_face_datasets_reads_the_image_column_as_images(local_run, tmp_path):
@@ -277,7 +286,7 @@ def test_killed_run_resumes_to_the_same_bytes(model, one_actor, tmp_path, ray_lo
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     process = subprocess.Popen([sys.executable, "-m", "f2m_ray_cli", *args, "--out", str(killed)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    folder = killed / CATEGORY
+    folder = killed / "data" / CATEGORY
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         if folder.exists() and len([n for n in os.listdir(folder) if n.startswith("part-")]) >= 2:
@@ -292,7 +301,7 @@ def test_killed_run_resumes_to_the_same_bytes(model, one_actor, tmp_path, ray_lo
         read_table(str(killed))
     summary = synthesize(config(model, killed, workers=2, resume=True, **SMALL), report=None)
     assert summary.files == 30 and summary.written_files <= 30 - len(done) + 1  # + a file being written at the kill
-    reference = one_actor / CATEGORY
+    reference = one_actor / "data" / CATEGORY
     assert sorted(os.listdir(folder)) == sorted(os.listdir(reference))
     for name in os.listdir(reference):
         assert (folder / name).read_bytes() == (reference / name).read_bytes(), name
@@ -314,17 +323,18 @@ def test_s3_through_the_command_line(model, s3_bucket, local_run, ray_local, tmp
     client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket[5:])["Contents"])
     assert keys == ["synthetic/run1/README.md", "synthetic/run1/_manifest.json", "synthetic/run1/_run.json",
-                    f"synthetic/run1/{CATEGORY}/part-000000-000499.parquet",
-                    f"synthetic/run1/{CATEGORY}/part-000500-000999.parquet"]  # no directory markers
+                    "synthetic/run1/croissant.json",
+                    f"synthetic/run1/data/{CATEGORY}/part-000000-000499.parquet",
+                    f"synthetic/run1/data/{CATEGORY}/part-000500-000999.parquet"]  # no directory markers
     table = read_table(out)
     check_rows(table.to_pandas(), model)
     assert open_synthetic(out).count() == 1000
     options = {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
-    check_rows(pd.read_parquet(out, storage_options=options, ignore_prefixes=[".", "_", "README"]), model)
+    check_rows(pd.read_parquet(f"{out}/data", storage_options=options), model)
     from f2m_ray.storage import arrow_filesystem
 
     fs, inner = arrow_filesystem(out)
-    arrow = pads.dataset(inner, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table()
+    arrow = pads.dataset(f"{inner}/data", filesystem=fs).to_table()
     check_rows(arrow.to_pandas(), model)
     assert duckdb.sql("select count(distinct sample_id) from arrow").fetchall() == [(1000,)]
     # Other file layout, same samples: the bytes equal those of the local run.
@@ -540,7 +550,7 @@ def test_the_folder_is_a_hugging_face_dataset_with_a_config_per_category(model, 
     card = (out / "README.md").read_text()
     header = card.split("---\n")[1]
     assert card.startswith("---\n") and header.count("config_name:") == 3 and "default: true" in header
-    assert f'path: "{OTHER}/part-*.parquet"' in header and "dtype: image" in header and "list: string" in header
+    assert f'path: "data/{OTHER}/part-*.parquet"' in header and "dtype: image" in header and "list: string" in header
     assert "| spiculated-irregular | 40 |" in card and "mixing `variance-preserving`" in card
     cache = str(tmp_path / "hf")
     everything = datasets.load_dataset(str(out), split="train", cache_dir=cache)
@@ -548,6 +558,29 @@ def test_the_folder_is_a_hugging_face_dataset_with_a_config_per_category(model, 
     assert sorted(set(everything["category"])) == [OTHER, CATEGORY]
     one = datasets.load_dataset(str(out), OTHER, split="train", cache_dir=cache)
     assert one.num_rows == 40 and set(one["category"]) == {OTHER} and one[3]["image"].size == (64, 64)
+    # the fields the hub expects of a card
+    for line in ('license: other', 'license_link: "README.md#license"', "annotations_creators:\n- machine-generated",
+                 'source_datasets:\n- "original"', "task_categories:\n- image-classification", "size_categories:\n- n<1K"):
+        assert line in header, line
+    assert "## License" in card and "procedural phantoms (phantom:" in card
+
+
+def test_croissant_validates_and_its_records_are_the_rows(model, tmp_path):
+    import mlcroissant
+
+    out = tmp_path / "two"
+    synthesize(config(model, out, categories=(CATEGORY, OTHER), n=30, rows_per_file=20), report=None, use_ray=False)
+    description = json.loads((out / "croissant.json").read_text())
+    assert description["rai:dataCollectionType"] == ["Synthetic data"]
+    assert "no memorization or label guard" in description["rai:personalSensitiveInformation"].lower()
+    records = list(mlcroissant.Dataset(jsonld=str(out / "croissant.json")).records("masses"))  # validates first
+    table = read_table(str(out)).to_pandas().set_index("sample_id")
+    assert len(records) == 60 == len(table)
+    for record in records[::7]:
+        row = table.loc[record["masses/sample_id"].decode()]
+        assert record["masses/category"].decode() == row["category"] and record["masses/margin_id"] == row["margin_id"]
+        assert record["masses/shape"].decode() == row["shape"]
+        assert np.array_equal(np.asarray(record["masses/image"]), decode_png(row["image"]["bytes"]))
 
 
 def test_overwrite_replaces_its_card_but_refuses_a_users_readme(model, tmp_path):

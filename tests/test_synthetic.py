@@ -1,6 +1,8 @@
 """Reading synthetic datasets back: manifest checks, torch Dataset, inspect helpers."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -32,10 +34,10 @@ def dataset(tmp_path_factory, trained_model):
 
 def test_files_come_from_the_manifest(dataset):
     files = synthetic_files(str(dataset))
-    assert [f.rsplit("/", 2)[-2:] for f in files] == [
-        [CATEGORY, "part-000000-000024.parquet"], [CATEGORY, "part-000025-000039.parquet"],
-        [OTHER, "part-000000-000024.parquet"], [OTHER, "part-000025-000039.parquet"]]
-    (dataset / CATEGORY / "stray.parquet").write_bytes(b"ignored: not in the manifest")
+    assert [f.rsplit("/", 3)[-3:] for f in files] == [
+        ["data", CATEGORY, "part-000000-000024.parquet"], ["data", CATEGORY, "part-000025-000039.parquet"],
+        ["data", OTHER, "part-000000-000024.parquet"], ["data", OTHER, "part-000025-000039.parquet"]]
+    (dataset / "data" / CATEGORY / "stray.parquet").write_bytes(b"ignored: not in the manifest")
     assert read_table(str(dataset)).num_rows == 80
 
 
@@ -85,7 +87,7 @@ def test_the_ray_dataset_gives_decoded_images_as_torch_batches(dataset, ray_loca
 def test_inspect_counts_and_sheet_images(dataset):
     info = inspect_dataset(str(dataset))
     assert info["counts"] == {CATEGORY: 40, OTHER: 40} and info["rows"] == 80 and info["files"] == 4
-    assert info["schema_version"] == 2 and info["arguments"]["k"] == 5
+    assert info["schema_version"] == 3 and info["arguments"]["k"] == 5
     images = sample_images(str(dataset), per_category=3)
     assert sorted(images) == sorted([CATEGORY, OTHER]) and images[OTHER][0].shape == (64, 64)
     assert images[OTHER][0].dtype == np.uint8
@@ -111,6 +113,46 @@ def test_damaged_dataset_detected(dataset, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(dataset, copy)
-    (copy / OTHER / "part-000025-000039.parquet").unlink()
+    (copy / "data" / OTHER / "part-000025-000039.parquet").unlink()
     with pytest.raises(F2MError, match="damaged: .*part-000025-000039.parquet is listed in the manifest but missing"):
         inspect_dataset(str(copy))
+
+
+def _as_version_2(dataset, folder):
+    """A copy of `dataset` in the version-2 layout: the Parquet at OUT/CATEGORY/, no data/ folder."""
+    shutil.copytree(dataset, folder, ignore=shutil.ignore_patterns("stray.parquet"))  # left by another test
+    for category in os.listdir(folder / "data"):
+        (folder / "data" / category).rename(folder / category)
+    (folder / "data").rmdir()
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest["schema_version"] = 2
+    for record in manifest["files"]:
+        record["path"] = record["path"].removeprefix("data/")
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    run = json.loads((folder / "_run.json").read_text())
+    run["fingerprint"]["schema_version"] = 2
+    (folder / "_run.json").write_text(json.dumps(run))
+    return folder
+
+
+def test_a_version_2_dataset_is_still_read_and_overwritten_not_resumed(dataset, tmp_path, trained_model):
+    old = _as_version_2(dataset, tmp_path / "v2")
+    assert read_table(str(old)).num_rows == 80 and len(SyntheticTorchDataset(str(old), categories=[OTHER])) == 40
+    info = inspect_dataset(str(old))
+    assert info["schema_version"] == 2 and info["counts"] == {CATEGORY: 40, OTHER: 40}
+    assert any("version-2 layout" in note for note in info["notes"])
+    base = dict(categories=(CATEGORY, OTHER), n=40, out=str(old), model=trained_model, rows_per_file=25, k=5)
+    with pytest.raises(F2MError, match="holds a run of schema version 2 .this f2m-ray writes version 3.; .*--overwrite"):
+        synthesize(SynthesisConfig(**base, resume=True), report=None, use_ray=False)
+    synthesize(SynthesisConfig(**base, overwrite=True), report=None, use_ray=False)
+    assert sorted(os.listdir(old)) == ["README.md", "_manifest.json", "_run.json", "croissant.json", "data"]
+    assert read_table(str(old)).equals(read_table(str(dataset)))
+
+
+def test_a_newer_schema_is_refused_with_the_upgrade_hint(dataset, tmp_path):
+    newer = tmp_path / "v9"
+    shutil.copytree(dataset, newer)
+    manifest = json.loads((newer / MANIFEST_NAME).read_text())
+    (newer / MANIFEST_NAME).write_text(json.dumps({**manifest, "schema_version": 9}))
+    with pytest.raises(F2MError, match="has schema version 9; this f2m-ray reads versions 2 and 3; upgrade f2m-ray"):
+        read_manifest(str(newer))

@@ -12,9 +12,10 @@ from typing import Any
 
 
 from f2m_ray import __version__
+from f2m_ray.croissant import CROISSANT_NAME, croissant
 from f2m_ray.dataset_card import CARD_NAME, card_text, is_our_card
 from f2m_ray.errors import F2MError, first_line
-from f2m_ray.schema import HF_FEATURES, MANIFEST_NAME, SCHEMA_VERSION
+from f2m_ray.schema import DATA_DIR, HF_FEATURES, MANIFEST_NAME, SCHEMA_VERSION
 from f2m_ray.storage import filesystem, is_remote, join
 from f2m_ray.synth.actor import GUARD_KEYS
 from f2m_ray.synth.plan import MANIFEST_FORMAT, RUN_FORMAT, RUN_NAME, ResolvedRun
@@ -70,6 +71,10 @@ def prepare_output(run: ResolvedRun) -> dict[str, int]:
         with fs.open(join(root, RUN_NAME), "r") as f:
             stored = json.load(f).get("fingerprint", {})
         wanted = run.fingerprint()
+        if stored.get("schema_version") != wanted["schema_version"]:
+            raise F2MError(f"cannot resume in {c.out}: it holds a run of schema version {stored.get('schema_version')} "
+                           f"(this f2m-ray writes version {wanted['schema_version']}); finish it with the f2m-ray that "
+                           f"started it, or start over with --overwrite")
         differ = [k for k in wanted if stored.get(k) != wanted[k]]
         if differ:
             what = ", ".join(f"{k} {stored.get(k)!r} there vs {wanted[k]!r} now" for k in differ)
@@ -89,13 +94,16 @@ def prepare_output(run: ResolvedRun) -> dict[str, int]:
 
 
 def _dataset_file(name: str) -> bool:
-    """Whether a path under --out is one a synthetic run writes: its JSON files and card, CATEGORY/part-*.parquet, temp files."""
-    if name in (RUN_NAME, MANIFEST_NAME, CARD_NAME):
+    """Whether a path under --out is one a synthetic run writes: its JSON files and card, the Parquet files
+    (data/CATEGORY/part-*.parquet; CATEGORY/part-*.parquet in a version-2 dataset), temp files."""
+    if name in (RUN_NAME, MANIFEST_NAME, CARD_NAME, CROISSANT_NAME):
+        return True
+    if name.startswith(".") and ".tmp-" in name:
         return True
     parts = name.split("/")
-    if len(parts) != 2:
+    if not (len(parts) == 3 and parts[0] == DATA_DIR) and len(parts) != 2:
         return False
-    base = parts[1]
+    base = parts[-1]
     return (base.startswith("part-") and base.endswith(".parquet")) or (base.startswith(".") and ".tmp-" in base)
 
 
@@ -194,6 +202,7 @@ def write_manifest(run: ResolvedRun, files: list[dict[str, Any]], seconds: float
         "rows": sum(counts.values()),
         "counts": counts,
         "notes": list(run.notes),
+        "provenance": run.provenance or {},
         "guards": guards,
         "arguments": _arguments(run),
         "fingerprint": run.fingerprint(),
@@ -202,6 +211,7 @@ def write_manifest(run: ResolvedRun, files: list[dict[str, Any]], seconds: float
     fs, root = filesystem(run.config.out)
     if not fs.exists(join(root, CARD_NAME)) or _our_card(fs, root):  # never over a user's own README.md
         _write_file(run.config.out, CARD_NAME, card_text(manifest, HF_FEATURES).encode())
+    _write_file(run.config.out, CROISSANT_NAME, json.dumps(croissant(manifest), indent=2).encode())
     _write_file(run.config.out, MANIFEST_NAME, json.dumps(manifest, indent=2).encode())  # last: the dataset is finished
     return join(run.config.out, MANIFEST_NAME)
 

@@ -19,7 +19,7 @@ from f2m_ray.bank import SEED_SPLITS, FeatureBank, default_bank_path, load_featu
 from f2m_ray.labels import Category, UnknownLabelError, parse_category
 from f2m_ray.core.mixing import DEFAULT_SCHEME, scheme
 from f2m_ray.pretrained import DEFAULT_OUT
-from f2m_ray.schema import SCHEMA_VERSION
+from f2m_ray.schema import DATA_DIR, SCHEMA_VERSION
 from f2m_ray.storage import is_remote, probe_storage
 
 
@@ -100,6 +100,7 @@ class ResolvedRun:
     judge_path: str | None = None
     judge_id: str | None = None
     model_source: str = "named by --model"  # how the model was chosen (printed with it)
+    provenance: dict[str, Any] | None = None  # what data the model and the bank's seeds came from (card, Croissant)
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything the output's bytes depend on: resume refuses a run that differs."""
@@ -258,9 +259,9 @@ def _categories(names: tuple[str, ...], bank: FeatureBank, seed_split: str, note
 
 
 def shard_name(category: str, start: int, stop: int, n: int) -> str:
-    """``CATEGORY/part-000000-009999.parquet``: the inclusive sample range, zero-padded."""
+    """``data/CATEGORY/part-000000-009999.parquet``: the inclusive sample range, zero-padded."""
     width = max(6, len(str(n - 1)))
-    return f"{category}/part-{start:0{width}d}-{stop - 1:0{width}d}.parquet"
+    return f"{DATA_DIR}/{category}/part-{start:0{width}d}-{stop - 1:0{width}d}.parquet"
 
 
 def resolve(config: SynthesisConfig) -> ResolvedRun:
@@ -333,7 +334,20 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
         judge_path=judge_path,
         judge_id=judge_id,
         model_source=model_source,
+        provenance=_provenance(meta, bank),
     )
+
+
+def _provenance(meta: dict[str, Any], bank) -> dict[str, Any]:
+    """The data behind a run: what the model was trained on and which ROIs the bank's seeds are."""
+    recipe = (meta.get("export") or {}).get("recipe") or {}
+    trained_on = (meta.get("extra") or {}).get("data") or recipe.get("data")
+    return {
+        "model_training_data": trained_on,
+        "seed_data": bank.metadata.get("data"),
+        "seed_data_description": bank.metadata.get("data_description"),
+        "seed_rows": bank.metadata.get("rows"),
+    }
 
 
 def _judge(path: str, model_size: int) -> tuple[str, str]:
