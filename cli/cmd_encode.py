@@ -6,6 +6,7 @@ import time
 
 import click
 
+from f2m_ray.runtime.stop import on_stop
 from f2m_ray_cli.main import cli
 
 
@@ -35,6 +36,9 @@ def encode(model, data, fmt, seed, val_fraction, out, workers, dry_run) -> None:
         click.echo(f"data          {data}  (format {fmt}, seed {seed}, val fraction {fraction})")
         click.echo(f"out           {out or default_bank_path(checkpoint)}")
         return
+    target = out or default_bank_path(checkpoint)
+    on_stop(lambda: f"nothing written ({target} is written whole once every ROI is encoded, and what was "
+                    f"there before is untouched); run the same command again")
     start = time.perf_counter()
     path = build_feature_bank(checkpoint, data=data, out=out, fmt=fmt, seed=seed, val_fraction=val_fraction,
                               workers=workers)

@@ -6,7 +6,8 @@ import click
 
 from f2m_ray.core.mixing import DEFAULT_SCHEME, SCHEMES
 from f2m_ray.pretrained import DEFAULT_OUT
-from f2m_ray_cli.main import cli
+from f2m_ray.runtime.stop import on_stop
+from f2m_ray_cli.main import cli, command_again
 
 
 @cli.command("synthesize")
@@ -73,6 +74,7 @@ def synthesize(categories, n, out, model, bank, storage, mixing, k, step, alpha,
         for line in plan.resolve(config).describe():
             click.echo(line)
         return
+    on_stop(lambda: _kept(out))
     summary = synthesis.synthesize(config, report=lambda line: click.echo(line, err=True))
     if summary.written_files == 0 and summary.files:
         click.echo(f"nothing to do: all {summary.files} files of {out} were already finished")
@@ -93,3 +95,14 @@ def synthesize(categories, n, out, model, bank, storage, mixing, k, step, alpha,
     click.echo(f"manifest: {summary.manifest}")
 
 
+
+
+def _kept(out: str) -> str:
+    """What a stopped synthesis leaves in `out`, and the command that finishes it."""
+    from f2m_ray.synth.output import finished_files
+
+    done = finished_files(out)
+    if done is None:
+        return f"nothing was written to {out}; run the same command again"
+    return (f"{done} finished file{'s' if done != 1 else ''} kept in {out}; "
+            f"finish the run with: {command_again('--resume', drop=('--overwrite',))}")

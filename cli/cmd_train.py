@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
-from f2m_ray_cli.main import cli
+from f2m_ray.runtime.stop import on_stop
+from f2m_ray_cli.main import cli, command_again
 
 
 @cli.command("train")
@@ -58,6 +61,7 @@ def train(data, data_format, preset, workers, use_gpu, epochs, batch_size, seed,
     from f2m_ray.runtime.console import quiet_ray_data
     from f2m_ray.train.driver import train as run_training
 
+    on_stop(lambda: _kept(options))
     # train() checks storage and a resumed run's preset first, then starts Ray through this
     # callback: actors' logs stay off the console, since the command prints its own epoch lines.
     summary = run_training(
@@ -66,3 +70,17 @@ def train(data, data_format, preset, workers, use_gpu, epochs, batch_size, seed,
     )
     if summary.metrics:
         click.echo(f"done: epoch {summary.end_epoch}, run folder {summary.run_dir}")
+
+
+def _kept(options) -> str:
+    """What a stopped training run keeps, and the command that resumes it (the same --name and --storage)."""
+    from f2m_ray.train.options import existing_checkpoint
+
+    again = command_again()
+    for flag, value in (("--name", options.name), ("--storage", options.storage)):
+        if flag not in again.split():
+            again += f" {flag} {shlex.quote(value)}"
+    previous = existing_checkpoint(options.run_dir)
+    if previous is None:
+        return f"no checkpoint yet in {options.run_dir}; the same command starts it again: {again}"
+    return f"checkpoint epoch {int(previous['epoch'])} kept in {options.run_dir}; resume with: {again}"

@@ -10,6 +10,7 @@ import click
 
 from f2m_ray import __version__
 from f2m_ray.errors import F2MError, first_line
+from f2m_ray.runtime.stop import stop_line, stop_on_signals
 
 
 class F2MGroup(click.Group):
@@ -20,10 +21,25 @@ class F2MGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM from a scheduler (f2m_ray.runtime.stop)
+            line, status = stop_line(err)
+            click.echo(line, err=True)
+            ctx.exit(status)
         except F2MError as err:
             raise click.ClickException(str(err)) from None
         except (OSError, ValueError) as err:
             raise click.ClickException(_describe(err)) from None
+
+
+def command_again(add: str | None = None, drop: tuple[str, ...] = ()) -> str:
+    """This command line as typed (quoted for a shell), with `drop` flags left out and `add` added once."""
+    import shlex
+    import sys
+
+    args = [a for a in sys.argv[1:] if a not in drop]
+    if add and add not in args:
+        args.append(add)
+    return shlex.join(["f2m-ray", *args])
 
 
 def _describe(err: Exception) -> str:
@@ -49,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     from f2m_ray.runtime.console import own_console
 
     own_console()
+    stop_on_signals()
     _register()
     cli.main(args=argv, prog_name="f2m-ray", standalone_mode=True)
 

@@ -76,6 +76,23 @@ def open_synthetic(path: str, columns: list[str] | None = None, decode_images: b
                         transform=decoded_images if decode_images else None)
 
 
+def stream(model: str | None = None, category: str | list[str] = "all", n: int = 1000, *,
+           decode_images: bool = False, columns: list[str] | None = None, **options):
+    """Synthetic masses decoded on the fly, as a lazy ``ray.data.Dataset``: nothing is written.
+
+    The same run as ``f2m-ray synthesize --category CATEGORY --n N`` with the same options
+    (``seed``, ``mixing``, ``k``, ``bank``, ``judge`` and the guards, ``workers``, ...): the same
+    plan, mixing and guards, and for the same seed and sample index the same rows and PNG bytes
+    as the written Parquet. ``decode_images`` and ``columns`` as in ``open_synthetic``. Feed it to
+    a Ray Train job (``TorchTrainer(..., datasets={"synthetic": stream(...)})``); each pass over it
+    decodes the masses again.
+    """
+    from f2m_ray.synth.stream import stream_dataset, stream_options  # torch and Ray: only when asked
+
+    categories = (category,) if isinstance(category, str) else tuple(category)
+    return stream_dataset(stream_options(categories, n, model, options), decode_images, columns)
+
+
 def _chosen_categories(path: str, categories: list[str], held: set[str]) -> list[str]:
     """The canonical names of `categories` (accepted spellings); unknown or absent ones are an F2MError."""
     from f2m_ray.labels import parse_category

@@ -17,6 +17,7 @@ import os
 import sys
 
 from f2m_ray.runtime.console import filter_native_stderr
+from f2m_ray.runtime.stop import reinstall
 
 LOCAL_CPU_SLOTS_MIN = 4  # logical CPU slots for embedded Ray, at least
 OBJECT_STORE_BYTES = 1 << 30  # 1 GiB: enough for blocks of 64x64 images, small for laptops
@@ -50,6 +51,7 @@ def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None, log_to_
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(logging_level=logging.WARNING, log_to_driver=log_to_driver)
+        reinstall()
         resources = ray.cluster_resources()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         line = (f"joined the Ray cluster at {address}: {nodes} node(s), {resources.get('CPU', 0):g} CPU, "
@@ -69,6 +71,7 @@ def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None, log_to_
         object_store_memory=OBJECT_STORE_BYTES,
         logging_level=logging.WARNING,
     )
+    reinstall()  # Ray's core worker took SIGTERM over with a native stack dump: the command line's own again
 
 
 def cluster_resources() -> dict[str, float]:

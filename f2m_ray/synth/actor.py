@@ -80,23 +80,35 @@ class ShardSynthesizer:
     def synthesize_shard(self, category_name: str, start: int, stop: int, relative_path: str):
         """Yield progress records, then one record naming the written file."""
         spec = self.spec
-        category = parse_category(category_name)
-        pool = self.pools[category_name]
-        batch_size = spec.batch_size
         columns: dict[str, list] = {k: [] for k in COLUMNS}
         reported = 0
+        for begin in self._decode_range(category_name, start, stop, columns):
+            if begin - start - reported >= PROGRESS_ROWS and begin < stop:
+                yield _record(category_name, start, stop, begin - start - reported)
+                reported = begin - start
+        guard = guard_counts(columns)
+        table = self._table(parse_category(category_name), start, stop, columns, guard)
+        size = write_table(table, join(spec.out, relative_path), row_group_size=ROW_GROUP_ROWS)
+        yield _record(category_name, start, stop, stop - start - reported, relative_path, size, guard)
+
+    def shard_table(self, category_name: str, start: int, stop: int):
+        """Samples [start, stop) of a category as the rows a shard file holds (a pyarrow Table), unwritten."""
+        columns: dict[str, list] = {k: [] for k in COLUMNS}
+        for _ in self._decode_range(category_name, start, stop, columns):
+            pass
+        return self._table(parse_category(category_name), start, stop, columns, guard_counts(columns))
+
+    def _decode_range(self, category_name: str, start: int, stop: int, columns: dict[str, list]):
+        """Decode samples [start, stop) into `columns`; yields the index reached after each decode batch."""
+        category = parse_category(category_name)
+        pool = self.pools[category_name]
+        batch_size = self.spec.batch_size
         begin = start
         while begin < stop:
             end = min(stop, (begin // batch_size + 1) * batch_size)  # decode batches aligned on absolute indices
             self._decode_batch(category, pool, begin, end, columns)
             begin = end
-            if begin - start - reported >= PROGRESS_ROWS and begin < stop:
-                yield _record(category_name, start, stop, begin - start - reported)
-                reported = begin - start
-        guard = guard_counts(columns)
-        table = self._table(category, start, stop, columns, guard)
-        size = write_table(table, join(spec.out, relative_path), row_group_size=ROW_GROUP_ROWS)
-        yield _record(category_name, start, stop, stop - start - reported, relative_path, size, guard)
+            yield begin
 
     def estimate_seconds(self, shard: Shard, rows: int) -> float:
         """Seconds this synthesizer would take for `rows` masses: one decode batch of `shard` (guards and

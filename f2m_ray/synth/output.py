@@ -93,6 +93,15 @@ def prepare_output(run: ResolvedRun) -> dict[str, int]:
     return {name: size for name, size in files.items() if name in expected and size > 0}
 
 
+def finished_files(out: str) -> int | None:
+    """Finished Parquet files of the run in `out` (None when the run wrote nothing there yet)."""
+    fs, root, files = _list_files(out)
+    if RUN_NAME not in files:
+        return None
+    return sum(1 for name in files if _dataset_file(name) and name.endswith(".parquet")
+               and not name.rsplit("/", 1)[-1].startswith("."))
+
+
 def _dataset_file(name: str) -> bool:
     """Whether a path under --out is one a synthetic run writes: its JSON files and card, the Parquet files
     (data/CATEGORY/part-*.parquet; CATEGORY/part-*.parquet in a version-2 dataset), temp files."""
