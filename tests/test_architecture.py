@@ -14,8 +14,9 @@ RAY_ALLOWED = ("runtime", "data", "train", "synth", "evaluation")
 # Rank of each room: a module imports only modules of its own rank or below (README "The package").
 RANK = {
     "errors": 0, "labels": 1, "config": 2, "core": 3,
-    "storage": 4, "schema": 5, "dataset_card": 5, "pretrained": 6, "checkpoint": 6, "bank": 6,
-    "runtime": 7, "data": 8, "synthetic": 9, "evaluation": 10, "synth": 11, "train": 12,
+    "storage": 4, "schema": 5, "croissant": 5, "dataset_card": 5, "pretrained": 6, "checkpoint": 6, "bank": 6,
+    "synthetic_files": 6, "runtime": 7, "data": 8, "export": 10, "evaluation": 10, "synth": 11, "train": 12,
+    "synthetic": 12,
 }
 
 

@@ -34,7 +34,7 @@ def read_synthetic(path: str, progress: Progress | None = None) -> SyntheticArra
     """Decode a finished synthetic dataset (refused without its manifest) into arrays."""
     from f2m_ray.core.images import to_model_range
     from f2m_ray.schema import decode_png
-    from f2m_ray.synthetic import read_manifest, read_table
+    from f2m_ray.synthetic_files import read_manifest, read_table
 
     manifest = read_manifest(path)
     try:
