@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,8 +104,8 @@ def test_compressed_dicom_without_a_decoder_names_its_syntax_and_the_extra(tmp_p
     monkeypatch.setattr(images, "decoder_available", lambda syntax: False)  # as without the `dicom` extra
     with pytest.raises(ImageProblem) as info:
         decode(_broken_jpeg2000(tmp_path / "c.dcm"), "c.dcm")
-    assert info.value.reason == ("compressed DICOM (JPEG 2000 Image Compression (Lossless Only)) needs a decoder: "
-                                 "pip install 'f2m-ray[dicom]'")
+    assert info.value.reason == ("no installed decoder for JPEG 2000 Image Compression (Lossless Only) "
+                                 "(pip install 'f2m-ray[dicom]')")
 
 
 def test_a_corrupt_codestream_with_its_decoder_installed_is_unreadable_not_missing_a_plugin(tmp_path):
@@ -271,4 +274,106 @@ def test_every_transfer_syntax_of_real_archives_loads_with_the_dicom_extra():
             loaded[syntax] = loaded.get(syntax, 0) + 1
     assert set(loaded) == ARCHIVE_SYNTAXES, {s: refused.get(s) for s in ARCHIVE_SYNTAXES - set(loaded)}
     # What is refused is refused for a reason of its own (files without pixel data, odd test vectors), never a plugin.
-    assert not [r for reasons in refused.values() for r in reasons if "needs a decoder" in r], refused
+    assert not [r for reasons in refused.values() for r in reasons if "no installed decoder" in r], refused
+
+
+def _testdata(name: str) -> Path:
+    """One of pydicom's bundled test files, or a skip where it is not on disk (nothing is downloaded)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"pydicom's {name} is not on disk")
+    return Path(path)
+
+
+def test_12_bit_jpeg_extended_that_libjpeg_rejects_loads_with_the_dicom_extra():
+    # JPEG-lossy.dcm (NEMA's NM1_JPLY): a sequential scan header whose spectral selection is not 0-63, which
+    # libjpeg rejects and pydicom's other plugins decline (12 bits); GDCM reads it. JPGExtended.dcm is the
+    # same image with the header fixed, decoded by pylibjpeg.
+    pixels = decode(_testdata("JPEG-lossy.dcm").read_bytes(), "JPEG-lossy.dcm")
+    assert pixels.array.shape == (1024, 256) and pixels.array.dtype == np.uint16 and pixels.bits == 12
+    assert pixels.array.min() == 0 and 200 < pixels.array.max() <= 4095 and pixels.array.std() > 10
+    fixed = decode(_testdata("JPGExtended.dcm").read_bytes(), "JPGExtended.dcm")
+    assert np.abs(pixels.array.astype(np.int32) - fixed.array).max() <= 1  # the same image, up to IDCT rounding
+    image = model_image(pixels)
+    assert image.shape == (64, 64) and -1 <= image.min() < image.max() <= 1
+
+
+# pydicom's bundled files with pixel data that cannot load, and why: broken on purpose, or not an image.
+BROKEN_BUNDLED_FILES = {
+    "JPEG2000-embedded-sequence-delimiter.dcm": "4 bytes of its JPEG 2000 codestream replaced by a Sequence Delimiter",
+    "MR_truncated.dcm": "pixel data cut short (8130 of 8192 bytes)",
+    "badVR.dcm": "Number of Frames '1A' is not an integer",
+    "meta_missing_tsyntax.dcm": "no Transfer Syntax UID in its file meta; 2 bytes of Pixel Data, no Image Pixel module",
+    "nested_priv_SQ.dcm": "not an image: a 2-byte Pixel Data without an Image Pixel module (no Rows, Columns, Bits)",
+}
+
+
+def test_every_bundled_pydicom_file_with_pixel_data_loads_but_the_broken_ones():
+    import pydicom
+
+    folder = Path(pydicom.__file__).parent / "data" / "test_files"
+    loaded, refused = [], {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            try:
+                if "PixelData" not in pydicom.dcmread(path, force=True):
+                    continue
+            except Exception:  # not DICOM (JSON, ICC profiles, dumps)
+                continue
+            try:
+                image = model_image(decode(path.read_bytes(), path.name))
+            except ImageProblem as problem:
+                refused[path.name] = problem.reason
+                continue
+            assert image.shape == (64, 64) and image.dtype == np.float32 and -1 <= image.min() <= image.max() <= 1
+            loaded.append(path.name)
+    if not loaded:
+        pytest.skip(f"no pydicom test file with pixel data on disk under {folder}")
+    assert "JPEG-lossy.dcm" in loaded
+    assert {name: reason for name, reason in refused.items() if name not in BROKEN_BUNDLED_FILES} == {}
+    # The broken ones are refused as broken, never for a missing decoder; and the list holds only refused files.
+    assert set(refused.values()) <= {images.UNREADABLE_DICOM}, refused
+    assert not set(BROKEN_BUNDLED_FILES) & set(loaded)
+
+
+def _without_the_dicom_extra(monkeypatch, syntax, kept=()):
+    """pydicom's decoder for ``syntax`` as without the `dicom` extra: only the plugins ``kept``, no python-gdcm."""
+    get_decoder = pytest.importorskip("pydicom.pixels", reason="decoder plugins are pydicom 3's").get_decoder
+
+    decoder = get_decoder(syntax)
+    monkeypatch.setattr(decoder, "_available", {n: f for n, f in decoder._available.items() if n in kept})
+    monkeypatch.setitem(sys.modules, "gdcm", None)  # `import gdcm` raises ImportError
+
+
+@pytest.mark.parametrize("kept", [(), ("pillow",)], ids=["no plugin", "Pillow alone"])
+def test_jpeg_extended_without_a_decoder_is_dropped_for_the_decoder_not_as_corrupt(monkeypatch, kept):
+    # Pillow is a core dependency; it declines 12-bit JPEG Extended, as every installed plugin does then.
+    from pydicom.uid import JPEGExtended12Bit
+
+    _without_the_dicom_extra(monkeypatch, JPEGExtended12Bit, kept)
+    for name in ("JPGExtended.dcm", "JPEG-lossy.dcm"):
+        with pytest.raises(ImageProblem) as info:
+            decode(_testdata(name).read_bytes(), name)
+        reason = info.value.reason
+        assert "no installed decoder for JPEG Extended" in reason and "truncated or corrupt" not in reason
+        assert reason == "no installed decoder for JPEG Extended (Process 2 and 4) (pip install 'f2m-ray[dicom]')"
+        assert reason == images.no_decoder(JPEGExtended12Bit)
+        assert "truncated or corrupt" not in str(info.value)
+
+
+def test_a_corrupt_jpeg_that_pillow_alone_tries_is_still_unreadable(tmp_path, monkeypatch):
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds = pydicom.dcmread(_testdata("SC_rgb_jpeg_dcmtk.dcm"))  # JPEG Baseline, which Pillow decodes
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: len(frame) // 2]])
+    ds.save_as(tmp_path / "cut.dcm")
+    _without_the_dicom_extra(monkeypatch, JPEGBaseline8Bit, kept=("pillow",))
+    with pytest.raises(ImageProblem) as info:
+        decode((tmp_path / "cut.dcm").read_bytes(), "cut.dcm")
+    assert info.value.reason == images.UNREADABLE_DICOM

@@ -8,7 +8,9 @@ Formats
     through pydicom (uncompressed, RLE and deflated transfer syntaxes; JPEG baseline, extended
     and lossless, JPEG-LS and JPEG 2000 with the ``dicom`` extra, ``DICOM_EXTRA``). Bytes are read as DICOM when they carry the ``DICM``
     marker at offset 128 or the file name ends in ``.dcm``/``.dicom``. MONOCHROME1 DICOM
-    (0 = white) is inverted so that dense tissue is bright, as in MONOCHROME2.
+    (0 = white) is inverted so that dense tissue is bright, as in MONOCHROME2. A valid compressed
+    file that no installed decoder reads is dropped as ``no_decoder(syntax)`` (naming its transfer
+    syntax and the extra), a broken one as ``UNREADABLE_DICOM``.
 
 Windowing rule (stored pixel values -> [-1, 1]), ``window=``
     ``auto``        8-bit images: the fixed linear map 0 -> -1, 255 -> +1 (they are display
@@ -62,7 +64,7 @@ DEFAULT_MASK_MARGIN = 0.2
 MISSING_FILE = "missing file"
 UNREADABLE_DICOM = "unreadable DICOM (truncated or corrupt)"
 NOT_AN_IMAGE = "not an image (or a truncated one)"
-DICOM_EXTRA = "pip install 'f2m-ray[dicom]'"  # pylibjpeg (libjpeg, openjpeg) and pyjpegls
+DICOM_EXTRA = "pip install 'f2m-ray[dicom]'"  # pylibjpeg (libjpeg, openjpeg), pyjpegls and python-gdcm
 EMPTY_MASK = "empty ROI mask"
 MASK_SIZE_MISMATCH = "ROI mask and full image differ in size"
 ONLY_MASKS = "no cropped image found (only ROI masks)"
@@ -133,8 +135,113 @@ def decoder_available(syntax) -> bool:
         return False
 
 
+def no_decoder(syntax) -> str:
+    """The reason for a valid compressed DICOM that no installed decoder reads: one string per transfer syntax."""
+    try:
+        from pydicom.pixels import get_decoder
+
+        get_decoder(syntax)
+    except NotImplementedError:  # pydicom has no decoder for this syntax at all: the extra would not help
+        return f"no installed decoder for {syntax.name} (pydicom cannot decode it)"
+    except ImportError:  # pydicom 2
+        pass
+    return f"no installed decoder for {syntax.name} ({DICOM_EXTRA})"
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line (pydicom lists each decoder plugin's error on a line of its own)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
+def _plugin_errors(ds) -> list[BaseException]:
+    """Decode ``ds`` again and return what each of pydicom's decoder plugins raised (pydicom >= 3).
+
+    pydicom tries every installed plugin and raises one RuntimeError that keeps only their messages;
+    the plugins' own exceptions reach its logger (``LOGGER.exception``), which is where they are
+    collected, for this thread only.
+    """
+    import logging
+    import threading
+
+    errors: list[BaseException] = []
+    thread = threading.get_ident()
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.thread == thread and record.exc_info and record.exc_info[1] is not None:
+                errors.append(record.exc_info[1])
+
+    logger = logging.getLogger("pydicom.pixels.decoders.base")
+    handler = _Collect(logging.ERROR)
+    logger.addHandler(handler)
+    try:
+        ds.pixel_array  # noqa: B018 - decoded for the plugins' errors only
+    except Exception:
+        pass
+    finally:
+        logger.removeHandler(handler)
+    return errors
+
+
+def _lacks_a_decoder(ds, syntax) -> bool:
+    """Whether decoding failed for want of a decoder rather than because the file is broken.
+
+    True when pydicom has no decoder plugin installed for the transfer syntax, or when every installed
+    plugin declined the file: pydicom's plugins raise NotImplementedError for data they do not handle
+    (Pillow and GDCM both decline 12-bit JPEG Extended, which of pydicom's plugins only pylibjpeg
+    decodes). Any other error from a plugin is the file's.
+    """
+    try:
+        if syntax is None or not syntax.is_encapsulated:
+            return False
+    except ValueError:  # not a transfer syntax pydicom knows
+        return False
+    if not decoder_available(syntax):
+        return True
+    errors = _plugin_errors(ds)
+    return bool(errors) and all(isinstance(err, NotImplementedError) for err in errors)
+
+
+def _gdcm_jpeg_extended(ds) -> np.ndarray | None:
+    """The first frame of a 12-bit JPEG Extended DICOM decoded by GDCM directly, or None without python-gdcm.
+
+    pydicom's GDCM plugin declines 12-bit JPEG Extended, leaving it to pylibjpeg's libjpeg, which rejects
+    some files that GDCM reads (a sequential scan header with a spectral selection other than 0-63, as in
+    NEMA's NM1_JPLY). Raises when GDCM cannot decode the frame either.
+    """
+    try:
+        import gdcm
+        from pydicom.encaps import generate_frames  # pydicom >= 3
+    except ImportError:
+        return None
+
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    bits, signed = int(ds.BitsStored), int(ds.get("PixelRepresentation", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    fragment = gdcm.Fragment()
+    fragment.SetByteStringValue(next(generate_frames(ds.PixelData, number_of_frames=frames)))
+    fragments = gdcm.SequenceOfFragments.New()
+    fragments.AddFragment(fragment)
+    element = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+    element.SetValue(fragments.__ref__())
+    image = gdcm.Image()
+    image.SetNumberOfDimensions(2)
+    image.SetDimensions((columns, rows, 1))
+    image.SetDataElement(element)
+    photometric = gdcm.PhotometricInterpretation.GetPIType(str(ds.get("PhotometricInterpretation", "MONOCHROME2")))
+    image.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(photometric))
+    image.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(str(ds.file_meta.TransferSyntaxUID))))
+    image.SetPixelFormat(gdcm.PixelFormat(1, 16, bits, bits - 1, signed))
+    buffer = image.GetBuffer()  # the decoded bytes as a str (GDCM's char*), or False
+    data = buffer.encode("utf-8", "surrogateescape") if isinstance(buffer, str) else b""
+    if len(data) != 2 * rows * columns:
+        raise ValueError(f"GDCM decoded {len(data)} bytes, not {2 * rows * columns}")
+    return np.frombuffer(data, dtype=np.int16 if signed else np.uint16).reshape(rows, columns)
+
+
 def _decode_dicom(raw: bytes) -> Pixels:
     import pydicom
+    from pydicom.uid import JPEGExtended12Bit
 
     try:
         ds = pydicom.dcmread(io.BytesIO(raw), force=True)
@@ -145,10 +252,18 @@ def _decode_dicom(raw: bytes) -> Pixels:
         try:
             arr = ds.pixel_array
         except (RuntimeError, NotImplementedError) as err:
-            if syntax is not None and syntax.is_compressed and not decoder_available(syntax):
-                # No decoder plugin for this syntax: a per-file problem with its own reason and its fix.
-                raise ImageProblem(f"compressed DICOM ({syntax.name}) needs a decoder: {DICOM_EXTRA}") from None
-            raise ImageProblem(UNREADABLE_DICOM, first_line(err)) from None
+            arr = None
+            if (syntax == JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8
+                    and int(ds.get("SamplesPerPixel", 1) or 1) == 1):
+                try:
+                    arr = _gdcm_jpeg_extended(ds)
+                except Exception as gdcm_err:  # GDCM, which reads 12-bit JPEG Extended, cannot: a broken file
+                    raise ImageProblem(UNREADABLE_DICOM, f"{_one_line(err)}; GDCM: {first_line(gdcm_err)}") from None
+            if arr is None:
+                if _lacks_a_decoder(ds, syntax):
+                    # A valid file no installed decoder reads: its own reason, naming the syntax and the fix.
+                    raise ImageProblem(no_decoder(syntax), _one_line(err)) from None
+                raise ImageProblem(UNREADABLE_DICOM, _one_line(err)) from None
         bits = int(ds.get("BitsStored", 0) or 0) or 8 * arr.dtype.itemsize
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     except ImageProblem:
