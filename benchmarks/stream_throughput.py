@@ -15,7 +15,6 @@ medians are compared. A stream pays the decode on every pass; reading pays it on
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import statistics
 import tempfile
@@ -25,6 +24,7 @@ from f2m_ray.runtime.cluster import ensure_ray
 from f2m_ray.synth.driver import synthesize
 from f2m_ray.synth.plan import SynthesisConfig
 from f2m_ray.synthetic import open_synthetic, stream
+from train_throughput import cpu_name
 
 CATEGORY = "spiculated-irregular"
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    print(f"CPU: {platform.processor() or platform.machine()}; model {args.model}, {args.n} masses, batch {args.batch_size}")
+    print(f"CPU: {cpu_name()}, 2 threads; model {args.model}, {args.n} masses, batch {args.batch_size}")
     ensure_ray()
     folder = tempfile.mkdtemp(prefix="f2m-stream-")
     try:
