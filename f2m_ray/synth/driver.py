@@ -1,6 +1,6 @@
 """Category synthesis (paper 3.4, Fig. 5) as a sharded Ray Data job into Parquet.
 
-    shards (category, [start, stop))  --Ray Data, actor pool-->  OUT/CATEGORY/part-START-END.parquet
+    shards (category, [start, stop))  --Ray Data, actor pool-->  OUT/data/CATEGORY/part-START-END.parquet
       per sample i:  plan (K seeds of C, weights on the step grid)  ->  mix (scheme)  ->  decode  ->  PNG
 
 One Ray Data operator does all the work: each actor loads the generator and the bank
