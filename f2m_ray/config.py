@@ -185,8 +185,8 @@ PRESETS: dict[str, Preset] = {
     # Batch 32 (lr kept at the paper's 2e-4): on a CPU the cost per image hardly depends on
     # the batch, so half the batch gives twice the optimizer steps in the same CPU-sized budget.
     # D's label term on fakes at 0.1 and D augmentation: D learns margin and shape from real masses
-    # (with 1.0, D2 learned marks G painted into its fakes; README "Training").
-    # A recipe that draws the mass it is given, chosen by benchmarks/recipe_ablation.py (README
+    # (with 1.0, D2 learned marks G painted into its fakes; docs/design.md "Training").
+    # A recipe that draws the mass it is given, chosen by benchmarks/recipe_ablation.py (docs/quality.md
     # "Masses of their own"): with the paper's G terms (adversarial 1, labels 3 here) G drew one
     # outline per category whatever the input (held-out identity 0.25 after 800 steps); each of
     # these moves it back towards its input: no label term for G (it paid G for a category

@@ -11,7 +11,7 @@ import sys
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "f2m_ray"
 HEAVY = ("ray", "fsspec", "s3fs", "pyarrow")
 RAY_ALLOWED = ("runtime", "data", "train", "synth", "evaluation")
-# Rank of each room: a module imports only modules of its own rank or below (README "The package").
+# Rank of each room: a module imports only modules of its own rank or below (docs/design.md "The package").
 RANK = {
     "errors": 0, "labels": 1, "config": 2, "core": 3,
     "storage": 4, "schema": 5, "croissant": 5, "dataset_card": 5, "pretrained": 6, "checkpoint": 6, "bank": 6,
@@ -103,7 +103,7 @@ def test_the_import_graph_has_no_circle():
 def test_every_room_is_ranked_and_documented():
     rooms = {room(m) for m in modules() if m != "f2m_ray"}
     assert rooms == set(RANK)
-    readme = (PACKAGE.parent / "README.md").read_text()
+    readme = (PACKAGE.parent / "docs" / "design.md").read_text()
     package_map = readme.split("## The package", 1)[1].split("\n## ", 1)[0]
     for name in ("core/", "data/", "runtime/", "train/", "synth/", "evaluation/"):
         assert f"`{name}`" in package_map, name

@@ -222,6 +222,7 @@ def test_different_image_sizes_refused(ray_local, fixtures, tmp_path):
     assert not (tmp_path / "r" / "report.json").exists()
 
 
+@pytest.mark.slow
 def test_bad_inputs_one_line(fixtures, tmp_path):
     out = str(tmp_path / "r")
     # A real process: the user sees one line on stderr and exit status 1, no traceback.

@@ -32,6 +32,7 @@ from f2m_ray.bank import load_feature_bank
 from f2m_ray.checkpoint import find_checkpoint, load_checkpoint
 from f2m_ray.synth.driver import synthesize
 from f2m_ray.synth.plan import SynthesisConfig
+from f2m_ray.train.options import fresh_listing
 from f2m_ray.train.report import read_metrics
 
 CATEGORY = "spiculated-irregular"
@@ -40,7 +41,7 @@ CATEGORY = "spiculated-irregular"
 SLOW = ["--min-seed-distance", "5", "--max-attempts", "4"]
 N, ROWS_PER_FILE = 1600, 100  # 16 files: a fault lands with most of the run still to do
 
-pytestmark = [pytest.mark.faults, pytest.mark.ray]
+pytestmark = [pytest.mark.faults, pytest.mark.ray, pytest.mark.slow]
 
 
 def f2m(args: list[str], cwd, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
@@ -256,6 +257,7 @@ def test_s3_gone_mid_training_is_one_line_and_leaves_a_checkpoint_to_resume_from
     proc = f2m(args, tmp_path, env)
 
     def epochs() -> list[int]:  # read from the server directly, as the run left them
+        fresh_listing(f"{s3_bucket}/runs/gone")  # s3fs caches listings: another process writes there
         try:
             return [r["epoch"] for r in read_metrics(f"{s3_bucket}/runs/gone")]
         except (OSError, ValueError):
@@ -279,4 +281,9 @@ def test_s3_gone_mid_training_is_one_line_and_leaves_a_checkpoint_to_resume_from
     done = epochs()
     assert done == list(range(1, len(done) + 1)) and last.startswith(f"{run_dir}/checkpoint_epoch_00000"), (done, last)
     assert load_checkpoint(run_dir, with_optimizer=True).optim_state is not None
-    assert_written_nowhere(sentinel, console, s3_bucket[len("s3://"):], "runs", tmp_path)
+    # With S3 back, the same command resumes from that checkpoint and finishes: each epoch logged once.
+    resumed = f2m(args, tmp_path, env)
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and f"resuming run {run_dir} from epoch {int(last[-6:])} ({last})" in stdout, stderr
+    assert epochs() == [1, 2, 3, 4, 5] and find_checkpoint(run_dir).endswith("checkpoint_epoch_000005")
+    assert_written_nowhere(sentinel, console + stdout + stderr, s3_bucket[len("s3://"):], "runs", tmp_path)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOISE = ("Reporting training result", "TrainingReport(", "core_worker.cc", "Traceback", "RayDeprecationWarning",
          "Progress bars disabled", "execution finished")
 
-pytestmark = [pytest.mark.cluster, pytest.mark.ray]
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -152,6 +152,7 @@ def invoke(*args):
     return CliRunner().invoke(cli, list(args))
 
 
+@pytest.mark.slow
 def test_cli_judge_train_on_ray_train_and_info(ray_local, tmp_path):
     out = str(tmp_path / "judge")
     result = invoke("judge", "train", "--data", "phantom:120", "--out", out, "--epochs", "1", "--val-fraction", "0.25",

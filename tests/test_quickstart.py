@@ -61,6 +61,7 @@ def test_the_quick_start_names_the_design_command_and_a_training_run():
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_the_design_command_in_an_empty_folder_uses_the_shipped_model(tmp_path):
     from f2m_ray.pretrained import shipped_model
 
@@ -76,6 +77,7 @@ def test_the_design_command_in_an_empty_folder_uses_the_shipped_model(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_the_training_quick_start_writes_its_run_folder_and_prints_each_epoch_as_it_ends(tmp_path):
     train = next(c for c in quick_start_commands() if c[0] == "train")
     code, lines = run_timed(_smaller(train), tmp_path)
@@ -100,6 +102,7 @@ def test_the_training_quick_start_writes_its_run_folder_and_prints_each_epoch_as
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_no_ray_alarm_or_dump_in_the_console_of_a_successful_run(tmp_path):
     """synthesize on Ray (Ray Data actors) as a user runs it, relative paths, its own process; training's
     console (Ray Train) is the training quick start's test, encode's the job logs' (test_jobs)."""

@@ -42,6 +42,7 @@ os.write(2, b"[2026 E] last words without a newline")
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_embedded_ray_starts_whatever_a_dead_ray_start_cluster_left_behind():
     # `ray start` writes the cluster's address to RAY_TMPDIR/ray/ray_current_cluster; a plain
     # ray.init(num_cpus=...) then tries to join that (dead) cluster and refuses to start.

@@ -278,6 +278,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_bytes(model, one_actor, tmp_path, ray_local):
     args = ["synthesize", "--category", CATEGORY, "--n", str(SMALL["n"]), "--rows-per-file",
             str(SMALL["rows_per_file"]), "--model", model, "--workers", "1"]
@@ -562,7 +563,7 @@ def test_the_folder_is_a_hugging_face_dataset_with_a_config_per_category(model, 
     for line in ('license: other', 'license_link: "README.md#license"', "annotations_creators:\n- machine-generated",
                  'source_datasets:\n- "original"', "task_categories:\n- image-classification", "size_categories:\n- n<1K"):
         assert line in header, line
-    assert "## License" in card and "procedural phantoms (phantom:" in card
+    assert "## License" in card and "They carry the terms of that data" in card
 
 
 def test_croissant_validates_and_its_records_are_the_rows(model, tmp_path):
@@ -688,3 +689,24 @@ def test_bf16_decoding_stays_within_a_grey_level_keeps_the_labels_and_is_its_own
                    use_ray=False)
     with pytest.raises(F2MError, match="--precision must be one of auto, fp32, bf16, got 'fp16'"):
         resolve(SynthesisConfig(out=str(tmp_path / "x"), precision="fp16", **shipped))
+
+
+def test_the_card_and_croissant_name_the_data_behind_the_masses():
+    from f2m_ray.croissant import croissant
+    from f2m_ray.dataset_card import card_text
+    from f2m_ray.schema import HF_FEATURES
+
+    base = {"counts": {CATEGORY: 5}, "arguments": {"k": 20}, "guards": {}, "tool_version": "0", "schema_version": 3}
+    phantom = {**base, "provenance": {"model_training_data": "phantom:2000", "seed_data": "phantom:2000",
+                                      "seed_data_description": "2000 phantoms (seed 0, 20 categories)"}}
+    card = card_text(phantom, HF_FEATURES)
+    assert 'source_datasets:\n- "original"\n' in card
+    assert "trained on procedural phantoms (phantom:2000), no patient data" in card
+    real = {**base, "provenance": {"model_training_data": "cbis-ddsm:/data/CBIS", "seed_data": "/data/manifest.csv",
+                                   "seed_data_description": "1,231 ROIs of /data/manifest.csv"}}
+    card = card_text(real, HF_FEATURES)
+    assert 'source_datasets:\n- "extended|cbis-ddsm"\n- "extended|/data/manifest.csv"\n' in card
+    assert "no patient data" not in card and "trained on cbis-ddsm:/data/CBIS" in card
+    described = croissant(real)
+    assert "1,231 ROIs of /data/manifest.csv" in described["rai:personalSensitiveInformation"]
+    assert "The model was trained on: cbis-ddsm:/data/CBIS." in described["rai:dataCollection"]

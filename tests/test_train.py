@@ -59,6 +59,7 @@ def local_run(ray_local, tmp_path_factory):
             "lines": lines}
 
 
+@pytest.mark.slow
 def test_a_second_call_resumes_the_run_where_its_checkpoint_left_it(local_run):
     run_dir = Path(local_run["storage"]) / "local"
     assert (local_run["started"].start_epoch, local_run["started"].end_epoch) == (0, 2)
@@ -72,6 +73,7 @@ def test_a_second_call_resumes_the_run_where_its_checkpoint_left_it(local_run):
     assert {int(v["step"]) for v in state.values()} == {3 * STEPS_PER_EPOCH}
 
 
+@pytest.mark.slow
 def test_embedded_ray_trains_without_a_preemption_watcher(local_run):
     """A single machine has no cloud node to be drained: Ray Train's watcher would be one idle process more."""
     from ray._private.state import actors
@@ -80,6 +82,7 @@ def test_embedded_ray_trains_without_a_preemption_watcher(local_run):
     assert {"TrainController", "RayTrainWorker"} <= classes and "PreemptionWatcher" not in classes, classes
 
 
+@pytest.mark.slow
 def test_three_epochs_leave_the_last_two_checkpoints_metrics_and_pictures(local_run):
     run_dir = Path(local_run["storage"]) / "local"
     # keep-last-2: epoch 1 was dropped when epoch 3 arrived
@@ -102,6 +105,7 @@ def test_three_epochs_leave_the_last_two_checkpoints_metrics_and_pictures(local_
     assert len(epoch_lines) == 3 and "img/s" in epoch_lines[0] and "margin" in epoch_lines[0]
 
 
+@pytest.mark.slow
 def test_the_weight_average_is_kept_and_held_out_masses_are_scored_each_epoch(local_run):
     import torch
 
@@ -123,6 +127,7 @@ def test_the_weight_average_is_kept_and_held_out_masses_are_scored_each_epoch(lo
     assert all(f"mass fidelity {row['mass_fidelity']:.2f} identity" in line for row, line in zip(rows, epoch_lines))
 
 
+@pytest.mark.slow
 def test_ranks_hold_identical_parameters(local_run):
     rows = read_metrics(str(Path(local_run["storage"]) / "local"))
     for row in rows:
@@ -135,12 +140,14 @@ def test_ranks_hold_identical_parameters(local_run):
     assert state_checksum(*nets) == rows[-1]["rank_checksums"][0]
 
 
+@pytest.mark.slow
 def test_resuming_with_another_preset_is_refused_before_ray(local_run):
     result = run_cli("train", "--preset", "small", "--storage", local_run["storage"], "--name", "local",
                      "--epochs", "5", "--workers", "2")
     assert_one_line_error(result, "was trained with preset 'tiny'")
 
 
+@pytest.mark.slow
 def test_run_already_at_its_epochs_trains_nothing(local_run):
     lines: list[str] = []
     options = RunOptions(**{**local_run["options"].__dict__, "feature_bank": False})
