@@ -75,7 +75,7 @@ def mixes(bank, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def fidelity(judge_path: str, images: np.ndarray, margins: np.ndarray, shapes: np.ndarray) -> float:
-    from f2m_ray.evaluation.judge import load_judge, predict
+    from f2m_ray.judge_model import load_judge, predict
 
     judge = load_judge(judge_path)
     pred = predict(judge.model, to_model_range(images))

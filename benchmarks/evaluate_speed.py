@@ -31,7 +31,8 @@ from f2m_ray.evaluation import evaluate as ev
 from f2m_ray.evaluation.inputs import read_synthetic
 from f2m_ray.evaluation.report_html import render_html
 from f2m_ray.evaluation.usefulness import run_in_process, run_on_ray
-from f2m_ray.evaluation.judge import JudgeConfig, JudgeTrainConfig, LabeledArrays, LoadedJudge, train_judge
+from f2m_ray.evaluation.judge import LabeledArrays, train_judge
+from f2m_ray.judge_model import JudgeConfig, JudgeTrainConfig, LoadedJudge
 from f2m_ray.labels import PAPER_CATEGORIES, parse_category
 from f2m_ray.data.phantom import generate_phantoms
 from f2m_ray.core.images import to_model_range

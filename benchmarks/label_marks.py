@@ -34,7 +34,7 @@ import torch
 
 from f2m_ray.core.augment import augment
 from f2m_ray.config import PRESETS, Preset
-from f2m_ray.evaluation.judge import load_judge, predict
+from f2m_ray.judge_model import load_judge, predict
 from f2m_ray.core.mixing import quantized_dirichlet
 from f2m_ray.core.networks import build_networks
 from f2m_ray.data.phantom import generate_phantoms

@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-usefulness", action="store_true")
     args = parser.parse_args(argv)
 
-    from f2m_ray.evaluation.judge import collect_labeled, load_judge
+    from f2m_ray.evaluation.judge import collect_labeled
+    from f2m_ray.judge_model import load_judge
     from f2m_ray.data.readers import read_labeled
     from f2m_ray.runtime.cluster import ensure_ray
 

@@ -26,7 +26,7 @@ def encode(model, data, fmt, seed, val_fraction, out, workers, dry_run) -> None:
     """Encode every labeled ROI with its own labels and write the feature bank."""
     from f2m_ray.checkpoint import find_checkpoint, read_metadata
     from f2m_ray.bank import default_bank_path, load_feature_bank
-    from f2m_ray.synth.encode import build_feature_bank
+    from f2m_ray.encode import build_feature_bank
 
     checkpoint = find_checkpoint(model)
     if dry_run:

@@ -32,7 +32,7 @@ def judge() -> None:
 def judge_train(data: str, fmt: str, out: str, epochs: int | None, batch_size: int | None, lr: float | None,
                 val_fraction: float | None, seed: int | None, workers: int, overwrite: bool, dry_run: bool) -> None:
     """Train the judge on the training split of DATA and report its held-out accuracy."""
-    from f2m_ray.evaluation.judge import META_FILE, JudgeConfig, JudgeTrainConfig
+    from f2m_ray.judge_model import META_FILE, JudgeConfig, JudgeTrainConfig
     from f2m_ray.storage import filesystem, join
 
     changes = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
@@ -100,7 +100,7 @@ def _summary(report: dict) -> str:
 @click.argument("path")
 def judge_info(path: str) -> None:
     """Print a judge's training data, size and held-out accuracy."""
-    from f2m_ray.evaluation.judge import read_judge_metadata
+    from f2m_ray.judge_model import read_judge_metadata
 
     meta = read_judge_metadata(path)
     click.echo(f"judge        {path}")

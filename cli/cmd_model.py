@@ -19,7 +19,7 @@ def model_info(checkpoint: str | None, storage: str | None) -> None:
     would use: the newest finished run under --storage, else the shipped model.
     """
     from f2m_ray.checkpoint import find_checkpoint, read_metadata  # imports torch: only when used
-    from f2m_ray.checkpoint import default_model, model_card
+    from f2m_ray.model_choice import default_model, model_card
     from f2m_ray.pretrained import named_model
 
     why = None

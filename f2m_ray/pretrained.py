@@ -9,7 +9,7 @@ what it measures). It is an ordinary checkpoint directory, loaded the same way (
 Importing this module is cheap (the command line reads its defaults at start-up).
 
 Which model a command uses when none is named (the newest finished run under the storage,
-else the shipped one) is ``f2m_ray.checkpoint.default_model``.
+else the shipped one) is ``f2m_ray.model_choice.default_model``.
 """
 
 from __future__ import annotations

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from f2m_ray.checkpoint import export_generator, find_checkpoint, read_metadata
     from f2m_ray.bank import load_feature_bank
-    from f2m_ray.synth.encode import build_feature_bank
+    from f2m_ray.encode import build_feature_bank
     from f2m_ray.pretrained import MODEL_CARD, PRETRAINED_ROOT, SHIPPED_MODEL
 
     out = args.out or os.path.join(PRETRAINED_ROOT, SHIPPED_MODEL)

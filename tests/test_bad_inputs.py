@@ -74,11 +74,12 @@ def workdir(tmp_path_factory):
     (root / "vocab" / "f2m_checkpoint.json").write_text(json.dumps(meta))
     (root / "judge").mkdir()
     (root / "judge" / "f2m_judge.json").write_text("{not json")
+    from f2m_ray import judge_model
     from f2m_ray.evaluation import judge as judge_module
 
-    narrow_judge = judge_module.JudgeConfig(stem_channels=4, channels=(4, 4, 4, 4))
-    judge_module.save_judge(str(root / "judge_ok"), judge_module.new_judge(narrow_judge, seed=0),
-                            judge_module.JudgeTrainConfig(steps=1), {}, data="random init")
+    narrow_judge = judge_model.JudgeConfig(stem_channels=4, channels=(4, 4, 4, 4))
+    judge_model.save_judge(str(root / "judge_ok"), judge_module.new_judge(narrow_judge, seed=0),
+                            judge_model.JudgeTrainConfig(steps=1), {}, data="random init")
     (root / "empty.csv").write_text("")
     (root / "headerless.csv").write_text("a.png,spiculated,irregular\n")
     (root / "columns.csv").write_text("file,label\na.png,x\n")

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from f2m_ray.evaluation import evaluate as evaluate_module
+from f2m_ray import judge_model
 from f2m_ray.evaluation import judge as judge_module
 from f2m_ray.evaluation import usefulness as usefulness_module
 from f2m_ray.errors import F2MError
@@ -25,7 +26,7 @@ from f2m_ray_cli.main import _register, cli
 REAL = "phantom:200"
 VAL_FRACTION = 0.3
 CATEGORIES = [parse_category(c) for c in ("ill-defined-round", "spiculated-irregular", "circumscribed-oval")]
-TINY = judge_module.JudgeConfig(stem_channels=4, channels=(8, 8, 16, 16), feature_dim=16, dropout=0.0)
+TINY = judge_model.JudgeConfig(stem_channels=4, channels=(8, 8, 16, 16), feature_dim=16, dropout=0.0)
 FAST = dict(usefulness_steps=4, usefulness_real=40, usefulness_synthetic=60)
 
 
@@ -87,11 +88,11 @@ def fixtures(tmp_path_factory):
     data = judge_module.LabeledArrays(
         np.array(ids), to_model_range(images), np.array([c.margin_id for c in categories]),
         np.array([c.shape_id for c in categories]), np.array(splits))
-    train_config = judge_module.JudgeTrainConfig(epochs=2, batch_size=32, val_fraction=VAL_FRACTION)
+    train_config = judge_model.JudgeTrainConfig(epochs=2, batch_size=32, val_fraction=VAL_FRACTION)
     torch.set_num_threads(1)
     model, report = judge_module.train_judge(data, TINY, train_config)
     judge_train_ids = [i for i, s in zip(ids, splits) if s == "train"]
-    judge_path = judge_module.save_judge(str(root / "judge"), model, train_config, report, data=REAL,
+    judge_path = judge_model.save_judge(str(root / "judge"), model, train_config, report, data=REAL,
                                          train_ids=judge_train_ids)
 
     # The GAN's feature bank: it trained on the training-split phantoms among the first 100 only.
@@ -308,7 +309,7 @@ def test_usefulness_on_ray_tasks_matches_in_process(ray_local):
     seen, heldout = _seen_and_heldout()
     synthetic = _phantom_arrays(30, 7)
     config = evaluate_module.EvaluateConfig(usefulness_real=10, usefulness_synthetic=20, usefulness_steps=3)
-    args = (TINY, judge_module.JudgeTrainConfig(batch_size=8), seen, heldout, synthetic, config, 0)
+    args = (TINY, judge_model.JudgeTrainConfig(batch_size=8), seen, heldout, synthetic, config, 0)
     local = usefulness_module.usefulness(*args, runner=usefulness_module.run_in_process)
     remote = usefulness_module.usefulness(*args, runner=usefulness_module.run_on_ray)
     assert local == remote
@@ -322,7 +323,7 @@ def test_scarce_protocol_arms_seeds_and_deltas(ray_local):
     seen, heldout = _seen_and_heldout()
     sets = {"a": _phantom_arrays(30, 7), "b": _phantom_arrays(24, 8)}
     kwargs = dict(real=10, synthetic=20, steps=3, seeds=3, seed=0)
-    args = (TINY, judge_module.JudgeTrainConfig(batch_size=8), seen, heldout, sets)
+    args = (TINY, judge_model.JudgeTrainConfig(batch_size=8), seen, heldout, sets)
     local = usefulness_module.scarce_usefulness(*args, **kwargs, runner=usefulness_module.run_in_process)
     remote = usefulness_module.scarce_usefulness(*args, **kwargs, runner=usefulness_module.run_on_ray)
     assert local == remote
@@ -350,7 +351,7 @@ def test_mixup_changes_what_the_classifier_learns():
     out = {}
     for alpha in (0.0, 0.4):
         model = judge_module.new_judge(TINY, 0)
-        result = judge_module.fit(model, x, m, s, judge_module.JudgeTrainConfig(batch_size=8, steps=4, mixup_alpha=alpha))
+        result = judge_module.fit(model, x, m, s, judge_model.JudgeTrainConfig(batch_size=8, steps=4, mixup_alpha=alpha))
         out[alpha] = (result["steps"], [p.detach().clone() for p in model.parameters()])
     assert out[0.0][0] == out[0.4][0] == 4
     assert not all(torch.equal(a, b) for a, b in zip(out[0.0][1], out[0.4][1]))

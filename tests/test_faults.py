@@ -113,7 +113,7 @@ def test_a_node_lost_mid_synthesis_leaves_exactly_the_bytes_of_an_undisturbed_ru
 
 @pytest.mark.cluster
 def test_a_node_lost_mid_encoding_leaves_the_same_bank(cluster, tmp_path, ray_local):
-    from f2m_ray.synth.encode import build_feature_bank
+    from f2m_ray.encode import build_feature_bank
 
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     proc = f2m(["encode", "--model", "pretrained", "--data", "phantom:2000", "--out", "lost.parquet"], tmp_path, env)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from f2m_ray import judge_model
 from f2m_ray.evaluation import judge as judge_module
 from f2m_ray.core import metrics
 from f2m_ray.errors import F2MError
@@ -38,7 +39,7 @@ def judge(tmp_path_factory):
     torch.manual_seed(0)
     model = judge_module.new_judge(TINY, seed=0)
     path = str(tmp_path_factory.mktemp("guard-judge") / "judge")
-    return judge_module.save_judge(path, model, judge_module.JudgeTrainConfig(steps=1), {}, data="random init")
+    return judge_model.save_judge(path, model, judge_model.JudgeTrainConfig(steps=1), {}, data="random init")
 
 
 def run(model, out, **changes):
@@ -125,8 +126,8 @@ def test_unmet_samples_keep_their_closest_candidate_and_are_flagged(plain, model
 def test_judge_scores_every_mass_and_the_confidence_guard_uses_them(plain, model, judge, tmp_path):
     scored, manifest, _ = run(model, tmp_path / "scored", judge=judge)
     category = parse_category(CATEGORY)
-    loaded = judge_module.load_judge(judge)
-    expected = judge_module.label_confidence(loaded.model, images_of(scored), np.full(N, category.margin_id),
+    loaded = judge_model.load_judge(judge)
+    expected = judge_model.label_confidence(loaded.model, images_of(scored), np.full(N, category.margin_id),
                                              np.full(N, category.shape_id))
     np.testing.assert_allclose(scored["label_confidence"], expected, rtol=1e-4, atol=1e-6)
     assert expected.std() > 0

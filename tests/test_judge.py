@@ -7,9 +7,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from f2m_ray import judge_model
 from f2m_ray.evaluation import judge as judge_module
 from f2m_ray.errors import F2MError
-from f2m_ray.evaluation.judge import JudgeConfig, JudgeTrainConfig, LabeledArrays
+from f2m_ray.evaluation.judge import LabeledArrays
+from f2m_ray.judge_model import JudgeConfig, JudgeTrainConfig
 from f2m_ray_cli.main import _register, cli
 
 # A narrow judge: the same code paths in a fraction of the time.
@@ -37,7 +39,7 @@ def easy_set(n: int, seed: int, val: int) -> LabeledArrays:
 
 def test_shapes_and_features():
     torch.manual_seed(0)
-    model = judge_module.Judge(JudgeConfig())
+    model = judge_model.Judge(JudgeConfig())
     margin, shape = model(torch.zeros(3, 1, 64, 64))
     assert margin.shape == (3, 5) and shape.shape == (3, 5)
     assert model.features(torch.zeros(3, 64, 64)).shape == (3, 128)  # (B, H, W) accepted too
@@ -70,12 +72,12 @@ def test_true_labels_score_high_and_shuffled_labels_score_chance():
 
 def test_label_confidence_is_the_product_of_head_probabilities():
     torch.manual_seed(3)
-    model = judge_module.Judge(TINY).eval()
+    model = judge_model.Judge(TINY).eval()
     data = easy_set(10, seed=1, val=0)
-    predictions = judge_module.predict(model, data.images, batch_size=4)
+    predictions = judge_model.predict(model, data.images, batch_size=4)
     assert predictions.features.shape == (10, 16) and predictions.features.dtype == np.float32
     np.testing.assert_allclose(predictions.margin_probs.sum(axis=1), 1.0, rtol=1e-5)
-    confidence = judge_module.label_confidence(model, data.images, data.margin, data.shape)
+    confidence = judge_model.label_confidence(model, data.images, data.margin, data.shape)
     expected = predictions.margin_probs[np.arange(10), data.margin] * predictions.shape_probs[np.arange(10), data.shape]
     assert confidence.shape == (10,) and confidence.dtype == np.float32
     np.testing.assert_allclose(confidence, expected, rtol=1e-5)
@@ -122,14 +124,14 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     data = easy_set(40, seed=4, val=10)
     model, report = judge_module.train_judge(data, TINY, JudgeTrainConfig(steps=2, batch_size=16))
     path = str(tmp_path / "judge")
-    judge_module.save_judge(path, model, JudgeTrainConfig(steps=2, batch_size=16), report, data="constructed",
+    judge_model.save_judge(path, model, JudgeTrainConfig(steps=2, batch_size=16), report, data="constructed",
                             train_ids=["roi-0002", "roi-0001"])
-    loaded = judge_module.load_judge(path)
+    loaded = judge_model.load_judge(path)
     assert loaded.config == TINY and loaded.train_config.steps == 2 and loaded.data == "constructed"
     assert loaded.train_ids == {"roi-0001", "roi-0002"}
     assert loaded.report["val_rows"] == 10 and len(loaded.judge_id) == 16
-    np.testing.assert_allclose(judge_module.predict(loaded.model, data.images).features,
-                               judge_module.predict(model, data.images).features, rtol=1e-6)
+    np.testing.assert_allclose(judge_model.predict(loaded.model, data.images).features,
+                               judge_model.predict(model, data.images).features, rtol=1e-6)
     state = torch.load(tmp_path / "judge" / "judge.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
@@ -138,12 +140,12 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     meta["vocabulary"]["margins"] = ["smooth", "rough"]
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(F2MError, match="another BI-RADS vocabulary"):
-        judge_module.load_judge(path)
+        judge_model.load_judge(path)
     meta_path.write_text(json.dumps({**meta, "format": "f2m-ray-checkpoint"}))
     with pytest.raises(F2MError, match="not an f2m-ray judge"):
-        judge_module.load_judge(path)
+        judge_model.load_judge(path)
     with pytest.raises(F2MError, match="does not exist"):
-        judge_module.load_judge(str(tmp_path / "nowhere"))
+        judge_model.load_judge(str(tmp_path / "nowhere"))
 
 
 def invoke(*args):

@@ -15,7 +15,7 @@ import torch
 from f2m_ray.checkpoint import load_generator
 from f2m_ray.errors import F2MError
 from f2m_ray.bank import load_feature_bank
-from f2m_ray.checkpoint import model_card
+from f2m_ray.model_choice import model_card
 from f2m_ray.pretrained import MODEL_CARD, SHIPPED_MODEL, named_model, shipped_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -645,6 +645,7 @@ def test_bf16_decoding_stays_within_a_grey_level_keeps_the_labels_and_is_its_own
     """The shipped model (trained) decoded in fp32 and bf16: images within a grey level (PSNR > 50 dB), and a
     judge trained on phantoms reads nine masses in ten or more the same way in both, and label fidelity moves by
     less than 0.01."""
+    from f2m_ray import judge_model
     from f2m_ray.evaluation import judge as judge_module
     from test_judge import TINY as TINY_JUDGE
 
@@ -663,13 +664,13 @@ def test_bf16_decoding_stays_within_a_grey_level_keeps_the_labels_and_is_its_own
         data = judge_module.LabeledArrays(ids, to_model_range(np.stack([im for _, im, _ in rows])),
                                           np.array([c.margin_id for *_, c in rows]),
                                           np.array([c.shape_id for *_, c in rows]), np.array(["train"] * len(rows)))
-        judge, _ = judge_module.train_judge(data, TINY_JUDGE, judge_module.JudgeTrainConfig(epochs=3, batch_size=32,
+        judge, _ = judge_module.train_judge(data, TINY_JUDGE, judge_model.JudgeTrainConfig(epochs=3, batch_size=32,
                                                                                            lr=3e-3, seed=0))
         decoded = {name: _labeled_images(tmp_path / name) for name in ("fp32", "bf16", "bf16-2")}
         fidelity, read = {}, {}
         for name in ("fp32", "bf16"):
             images, margins, shapes = decoded[name]
-            predicted = judge_module.predict(judge, to_model_range(images))
+            predicted = judge_model.predict(judge, to_model_range(images))
             fidelity[name] = float(np.mean((predicted.margin == margins) & (predicted.shape == shapes)))
             read[name] = predicted.margin * 10 + predicted.shape
     finally:

@@ -262,7 +262,8 @@ def evaluate(
     echo: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Evaluate a synthetic dataset against real data; writes REPORT_DIR/report.{html,json}; returns the report."""
-    from f2m_ray.evaluation.judge import collect_labeled, load_judge
+    from f2m_ray.evaluation.judge import collect_labeled
+    from f2m_ray.judge_model import load_judge
     from f2m_ray.data.readers import read_labeled
     from f2m_ray.runtime.cluster import ensure_ray
 
@@ -318,7 +319,7 @@ def evaluate_arrays(
 
     `gan_train_ids`: the roi ids the GAN trained on; None means the rows of split "train".
     """
-    from f2m_ray.evaluation.judge import predict
+    from f2m_ray.judge_model import predict
 
     started = time.perf_counter()
     inputs = dict(inputs or {})
@@ -419,7 +420,8 @@ def _report(inputs, synthetic, categories, real_all, seen, heldout_all, heldout,
 
 def _the_judge(judge, real_all, config: EvaluateConfig, inputs: dict[str, Any], progress, echo, device):
     """(model, its report entry, JudgeConfig, JudgeTrainConfig): the given judge, or one trained on real_all's train split."""
-    from f2m_ray.evaluation.judge import JudgeConfig, JudgeTrainConfig, train_judge
+    from f2m_ray.evaluation.judge import train_judge
+    from f2m_ray.judge_model import JudgeConfig, JudgeTrainConfig
 
     if judge is not None:
         info = {"path": inputs.get("judge"), "trained_here": False, "judge_id": judge.judge_id, "data": judge.data,

@@ -20,7 +20,8 @@ from f2m_ray.storage import is_remote
 from f2m_ray.runtime.env import worker_env
 from f2m_ray.runtime.errors import unwrap_training_error
 from f2m_ray.runtime.trainer import check_resources, cpu_per_worker, threads_per_worker
-from f2m_ray.evaluation.judge import JudgeConfig, JudgeTrainConfig, LabeledArrays, fit, judge_report, new_judge, read_judge_metadata, save_judge
+from f2m_ray.evaluation.judge import LabeledArrays, fit, judge_report, new_judge
+from f2m_ray.judge_model import JudgeConfig, JudgeTrainConfig, read_judge_metadata, save_judge
 
 
 # ---------------------------------------------------------------- Ray Train

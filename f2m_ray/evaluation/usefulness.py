@@ -29,7 +29,8 @@ import numpy as np
 
 from f2m_ray.core import metrics
 from f2m_ray.config import build_dataclass
-from f2m_ray.evaluation.judge import JudgeConfig, JudgeTrainConfig, fit, new_judge, predict
+from f2m_ray.evaluation.judge import fit, new_judge
+from f2m_ray.judge_model import JudgeConfig, JudgeTrainConfig, predict
 from f2m_ray.labels import MARGINS, SHAPES
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)

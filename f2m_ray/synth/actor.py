@@ -21,6 +21,7 @@ from f2m_ray.core.mixing import mix_rows, scheme
 from f2m_ray.core.images import to_uint8
 from f2m_ray.core.inference import inference_decoder
 from f2m_ray.core.nearest import NearestImage
+from f2m_ray.judge_model import label_confidence, load_judge
 from f2m_ray.schema import SYNTHETIC_SCHEMA, image_column, png_bytes, synthetic_metadata, write_table
 from f2m_ray.storage import join
 from f2m_ray.runtime.actors import ActorPlan, prepare_torch
@@ -50,8 +51,6 @@ class ShardSynthesizer:
             raise F2MError(f"the feature bank {spec.bank} changed during the run")
         self.judge = None
         if spec.judge:
-            from f2m_ray.evaluation.judge import load_judge
-
             loaded = load_judge(spec.judge)
             if loaded.judge_id != spec.judge_id:
                 raise F2MError(f"the judge {spec.judge} changed during the run")
@@ -176,7 +175,9 @@ class ShardSynthesizer:
         pixels = to_uint8(images.float().cpu().numpy()[:, 0])  # (B, 64, 64) uint8, as stored
         confidence = np.full(b, np.nan, dtype=np.float32)
         if self.judge is not None:  # scores the stored 8-bit image, as a reader of the PNG gets it
-            confidence = self._label_confidence(to_model_range(pixels), category)[:b]
+            n = len(pixels)  # the whole decode batch in one pass, as always: the same kernels, the same bits
+            confidence = label_confidence(self.judge, to_model_range(pixels), np.full(n, category.margin_id),
+                                          np.full(n, category.shape_id))[:b]
         return {
             "rows": rows,
             "weights": weights,
@@ -184,16 +185,6 @@ class ShardSynthesizer:
             "distance": self.seed_pixels.rms(pixels[:b]),
             "confidence": confidence,
         }
-
-    def _label_confidence(self, images: np.ndarray, category: Category) -> np.ndarray:
-        """p(margin | x) * p(shape | x) from the judge for a full (B, 64, 64) batch."""
-        import torch
-
-        with torch.inference_mode():
-            h = self.judge.features(torch.from_numpy(images).to(self.device))
-            margin = torch.softmax(self.judge.margin_head(h).float(), dim=1)[:, category.margin_id]
-            shape = torch.softmax(self.judge.shape_head(h).float(), dim=1)[:, category.shape_id]
-        return (margin * shape).cpu().numpy().astype(np.float32)
 
     def _shortfall(self, candidate: dict[str, np.ndarray]) -> np.ndarray:
         """How far each candidate falls short of the guards, each in its own relative units; 0 = accepted."""

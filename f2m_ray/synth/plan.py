@@ -267,8 +267,7 @@ def shard_name(category: str, start: int, stop: int, n: int) -> str:
 def resolve(config: SynthesisConfig) -> ResolvedRun:
     """Validate a run without starting Ray: paths, model, bank, categories, shards."""
     from f2m_ray.checkpoint import find_checkpoint, load_generator
-
-    from f2m_ray.checkpoint import default_model
+    from f2m_ray.model_choice import default_model
     from f2m_ray.pretrained import named_model
 
     c = config = with_scheme_defaults(config)
@@ -352,7 +351,7 @@ def _provenance(meta: dict[str, Any], bank) -> dict[str, Any]:
 
 def _judge(path: str, model_size: int) -> tuple[str, str]:
     """(absolute path, judge id) of a judge whose weights load and that reads the model's image size."""
-    from f2m_ray.evaluation.judge import load_judge
+    from f2m_ray.judge_model import load_judge
 
     judge_path = absolute(path)
     judge = load_judge(judge_path)  # format, vocabulary and weights checked: a broken judge is one line here

@@ -272,7 +272,7 @@ def _maybe_feature_bank(checkpoint: str, preset: Preset, options: RunOptions, ec
     """Encode the labeled ROIs with the final checkpoint so that `synthesize --model RUN` needs nothing else."""
     if not options.feature_bank:
         return None
-    from f2m_ray.synth.encode import build_feature_bank  # imports Ray Data's actor machinery: only here
+    from f2m_ray.encode import build_feature_bank  # imports Ray Data's actor machinery: only here
 
     out = build_feature_bank(checkpoint, options.data, fmt=options.data_format, seed=preset.train.seed)
     echo(f"feature bank: {out}")
