@@ -229,6 +229,24 @@ def _resolve(path: str) -> tuple[str, Any, str, dict[str, Any]]:
     return path, fs, root, meta
 
 
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A checkpoint found once: its directory and its validated metadata (plain values: it travels to actors)."""
+
+    path: str  # the checkpoint directory itself (not a run folder, not a "pretrained" name)
+    meta: dict[str, Any]
+
+    @property
+    def model_id(self) -> str:
+        return str(self.meta["model_id"])
+
+
+def resolve_model(path: str) -> ResolvedModel:
+    """Find the checkpoint `path` names (a run folder's latest, a shipped model) and validate it, once."""
+    path, _, _, meta = _resolve(path)
+    return ResolvedModel(path, meta)
+
+
 def read_metadata(path: str) -> dict[str, Any]:
     """The checkpoint's JSON metadata (validated), without loading weights."""
     return _resolve(path)[3]
@@ -241,16 +259,23 @@ def _preset(meta: dict[str, Any], path: str) -> Preset:
         raise F2MError(f"corrupt checkpoint metadata in {path}: bad preset ({err})") from None
 
 
-def load_generator(path: str, device: str | torch.device = "cpu") -> tuple[Generator, dict[str, Any]]:
+def load_generator(path: str | ResolvedModel, device: str | torch.device = "cpu") -> tuple[Generator, dict[str, Any]]:
     """Only the generator (eval mode) and the checkpoint's metadata: what encoding and synthesis need.
 
     A local model.pt is memory-mapped, so the discriminators' weights (43% of the file for
     the paper preset) are never read, and the network is built on the meta device and takes
     the stored tensors as they are instead of first initialising weights it would overwrite
     (0.05 s instead of 0.55 s for the paper preset). The weights are the same as
-    ``load_checkpoint(path).generator()``.
+    ``load_checkpoint(path).generator()``. A `ResolvedModel` is not searched for again: its metadata is
+    read once more (and checked) with the weights.
     """
-    path, fs, root, meta = _resolve(path)
+    if isinstance(path, ResolvedModel):
+        path = path.path
+        fs, root = filesystem(path)
+        meta = _read_meta(fs, root)
+        check_vocabulary(meta.get("vocabulary", {}), f"checkpoint {path}")
+    else:
+        path, fs, root, meta = _resolve(path)
     preset = _preset(meta, path)
     state = read_torch(fs, join(root, MODEL_FILE), "model weights", mmap=True)
     if not isinstance(state, dict) or not isinstance(state.get("generator"), dict):

@@ -20,6 +20,8 @@ from f2m_ray.runtime.errors import worker_error
 from f2m_ray.core.images import to_uint8
 from f2m_ray.schema import png_bytes
 from f2m_ray.storage import is_remote
+from f2m_ray.data.readers import read_labeled
+from f2m_ray.runtime.cluster import ensure_ray
 
 ENCODE_BATCH = 128  # rows per encoder call
 
@@ -73,9 +75,6 @@ def build_feature_bank(
     its path, or `stored_checkpoint` (``pretrained:NAME`` for a shipped model).
     """
     import ray
-
-    from f2m_ray.data.readers import read_labeled
-    from f2m_ray.runtime.cluster import ensure_ray
 
     path = find_checkpoint(checkpoint)
     if not is_remote(path):

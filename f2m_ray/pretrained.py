@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 from f2m_ray.errors import F2MError
+from f2m_ray.bank import BANK_FILE, default_bank_path
 
 DEFAULT_OUT = "f2m-synthetic"  # where `synthesize` writes without --out, relative to the working directory
 STORAGE_ENV = "F2M_STORAGE"
@@ -32,8 +33,6 @@ def default_storage(storage: str | None = None) -> str:
 
 
 def shipped_models() -> list[str]:
-    from f2m_ray.bank import BANK_FILE  # pulls pyarrow: not at import time
-
     if not os.path.isdir(PRETRAINED_ROOT):
         return []
     return sorted(n for n in os.listdir(PRETRAINED_ROOT) if os.path.isfile(os.path.join(PRETRAINED_ROOT, n, BANK_FILE)))
@@ -41,8 +40,6 @@ def shipped_models() -> list[str]:
 
 def shipped_model(name: str = SHIPPED_MODEL) -> str:
     """The directory of a model shipped in the package."""
-    from f2m_ray.bank import default_bank_path  # pulls pyarrow: not at import time
-
     path = os.path.join(PRETRAINED_ROOT, name)
     if not os.path.isfile(default_bank_path(path)):
         have = shipped_models()

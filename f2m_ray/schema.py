@@ -55,6 +55,8 @@ import numpy as np
 import pyarrow as pa
 
 from f2m_ray.errors import F2MError
+from f2m_ray.core.images import to_model_range
+from f2m_ray.storage import arrow_filesystem, filesystem, is_remote
 
 SCHEMA_VERSION = 3  # synthetic datasets; bump on any change a reader could notice
 # Version 3 moved the Parquet files from OUT/CATEGORY/ to OUT/DATA_DIR/CATEGORY/ (the rows are those of
@@ -165,7 +167,6 @@ def png_bytes(image: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) -> by
 def decoded_images(table: pa.Table) -> dict[str, np.ndarray]:
     """Rows -> numpy columns with ``image`` as (N, H, W) float32 in [-1, 1] (f2m-ray's model range)."""
     columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names if name != "image"}
-    from f2m_ray.core.images import to_model_range
 
     png = table.column("image").combine_chunks().field("bytes").to_pylist()
     return {"image": to_model_range(np.stack([decode_png(data) for data in png])), **columns}
@@ -200,8 +201,6 @@ def write_table(table: pa.Table, path: str, row_group_size: int | None = None) -
 
     import pyarrow.parquet as pq
 
-    from f2m_ray.storage import filesystem, is_remote
-
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=row_group_size)
     data = sink.getvalue().to_pybytes()
@@ -225,8 +224,6 @@ def write_table(table: pa.Table, path: str, row_group_size: int | None = None) -
 def read_schema(path: str) -> pa.Schema:
     """The schema (with metadata) of one Parquet file, local or s3://."""
     import pyarrow.parquet as pq
-
-    from f2m_ray.storage import arrow_filesystem
 
     fs, inner = arrow_filesystem(path)
     with fs.open_input_file(inner) as f:

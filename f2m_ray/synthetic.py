@@ -9,7 +9,6 @@ and Hugging Face ``datasets`` (f2m_ray.schema documents the columns).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,10 @@ from f2m_ray.errors import F2MError
 from f2m_ray.schema import decode_png, decoded_images
 from f2m_ray.storage import arrow_filesystem, join
 from f2m_ray.synthetic_files import read_manifest, read_table, synthetic_files  # noqa: F401 (part of this API)
+from f2m_ray.runtime.datasets import read_parquet
+from f2m_ray.synth.stream import stream_dataset, stream_options
+from f2m_ray.labels import parse_category
+from f2m_ray.core.images import to_model_range
 
 LABEL_COLUMNS = ("margin_id", "shape_id")
 
@@ -32,8 +35,6 @@ def open_synthetic(path: str, columns: list[str] | None = None, decode_images: b
     numeric, so ``iter_torch_batches`` takes it as it is. ``categories`` keeps those categories
     (any spelling the command line accepts; one the dataset lacks is an error, not 0 rows).
     """
-    from f2m_ray.runtime.datasets import read_parquet  # starts or joins Ray: only when asked
-
     if decode_images:
         columns = ["image", *LABEL_COLUMNS] if columns is None else list(dict.fromkeys(["image", *columns]))
     manifest = read_manifest(path)
@@ -56,16 +57,12 @@ def stream(model: str | None = None, category: str | list[str] = "all", n: int =
     a Ray Train job (``TorchTrainer(..., datasets={"synthetic": stream(...)})``); each pass over it
     decodes the masses again.
     """
-    from f2m_ray.synth.stream import stream_dataset, stream_options  # torch and Ray: only when asked
-
     categories = (category,) if isinstance(category, str) else tuple(category)
     return stream_dataset(stream_options(categories, n, model, options), decode_images, columns)
 
 
 def _chosen_categories(path: str, categories: list[str], held: set[str]) -> list[str]:
     """The canonical names of `categories` (accepted spellings); unknown or absent ones are an F2MError."""
-    from f2m_ray.labels import parse_category
-
     wanted = [parse_category(name).name for name in categories]  # any accepted spelling; unknown: F2MError
     missing = [name for name in wanted if name not in held]
     if missing:
@@ -105,8 +102,6 @@ class SyntheticTorchDataset(_TorchDataset):
 
     def __getitem__(self, index: int):
         import torch
-
-        from f2m_ray.core.images import to_model_range
 
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} masses")

@@ -61,6 +61,14 @@ def test_core_imports_no_ray_and_no_io_stack():
     assert json.loads(out.stdout) == []
 
 
+def test_importing_the_package_never_imports_ray():
+    """Ray is imported inside the functions that run Ray work, so a reader or a config never pays for it."""
+    names = sorted(m for m in modules() if m != "f2m_ray")
+    code = f"import sys, importlib; [importlib.import_module(m) for m in {names!r}]; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_only_the_ray_rooms_import_ray():
     offenders = sorted(m for m, p in modules().items() if "ray" in imports(p)[1] and room(m) not in RAY_ALLOWED)
     assert offenders == []
@@ -85,6 +93,20 @@ def test_the_workflows_are_siblings():
                       for target in imports(path)[0]
                       if target.startswith("f2m_ray.") and room(target) in workflows and room(target) != room(module))
     assert crossing == []
+
+
+def test_the_package_imports_its_own_modules_at_the_top():
+    """No f2m_ray module imports another inside a function: the import graph is what the tops of the
+    files say (only the command line, `cli/`, imports lazily, to start fast)."""
+    inside = []
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.ImportFrom) and (sub.module or "").startswith("f2m_ray") or \
+                            isinstance(sub, ast.Import) and any(a.name.startswith("f2m_ray") for a in sub.names):
+                        inside.append(f"{module}.{node.name} (line {sub.lineno})")
+    assert inside == []
 
 
 def test_the_import_graph_has_no_circle():

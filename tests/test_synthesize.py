@@ -711,3 +711,34 @@ def test_the_card_and_croissant_name_the_data_behind_the_masses():
     described = croissant(real)
     assert "1,231 ROIs of /data/manifest.csv" in described["rai:personalSensitiveInformation"]
     assert "The model was trained on: cbis-ddsm:/data/CBIS." in described["rai:dataCollection"]
+
+
+def test_the_model_is_found_once_on_the_driver_and_the_actor_gets_typed_values(model, tmp_path, monkeypatch):
+    import pickle
+
+    from f2m_ray import checkpoint
+    from f2m_ray.core.mixing import Scheme
+    from f2m_ray.labels import Category
+    from f2m_ray.runtime.actors import ActorPlan
+    from f2m_ray.synth.actor import actor_spec
+
+    calls = {"find": 0, "metadata": 0}
+    find, read = checkpoint.find_checkpoint, checkpoint._read_meta
+
+    def counted_find(path):
+        calls["find"] += 1
+        return find(path)
+
+    def counted_read(fs, root):
+        calls["metadata"] += 1
+        return read(fs, root)
+
+    monkeypatch.setattr(checkpoint, "find_checkpoint", counted_find)
+    monkeypatch.setattr(checkpoint, "_read_meta", counted_read)
+    synthesize(config(model, tmp_path / "o", n=20, rows_per_file=10), report=None, use_ray=False)
+    # found once (the driver); metadata read by the driver's resolution, its weight check and the one actor's check
+    assert calls == {"find": 1, "metadata": 3}
+    spec = actor_spec(resolve(config(model, tmp_path / "p", n=20)), ActorPlan(1, 1, 1.0, 0.0))
+    assert isinstance(spec.run.scheme, Scheme) and spec.run.scheme.name == "variance-preserving"
+    assert [type(p.category) for p in spec.run.categories] == [Category]
+    assert spec.run.out_dir == str(tmp_path / "p") and pickle.loads(pickle.dumps(spec)) == spec

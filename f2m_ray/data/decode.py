@@ -17,6 +17,7 @@ from f2m_ray.runtime.console import quiet_ray_data
 from f2m_ray.runtime.env import worker_runtime_env
 from f2m_ray.storage import filesystem, is_remote
 from f2m_ray.data.rows import IMAGE_SIZE, ROW_COLUMNS, ReadResult, Drops, split_by_patient
+from f2m_ray.runtime.cluster import ensure_ray
 
 
 DECODE_BATCH = 8  # rows per decode call: full mammograms are tens of MB each
@@ -42,8 +43,6 @@ def drop_summary(counts: dict) -> str:
 def decode(jobs, drops: Drops, mapped: Counter, val_fraction, seed, options: DecodeOptions,
             what: str, fmt: str) -> ReadResult:
     import ray
-
-    from f2m_ray.runtime.cluster import ensure_ray
 
     split_of = split_by_patient([j["patient_id"] for j in jobs], val_fraction, seed)
     for job in jobs:

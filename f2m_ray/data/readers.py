@@ -61,6 +61,8 @@ from f2m_ray.errors import F2MError, first_line
 from f2m_ray.storage import filesystem, is_remote, join
 from f2m_ray.data.decode import DecodeOptions, HEADER_BYTES, decode, drop_summary
 from f2m_ray.data.rows import IMAGE_SIZE, ReadResult, SPLIT_ALIASES, Drops, assign_split
+from f2m_ray.data.phantom import DEFAULT_CATEGORIES, generate_phantoms, phantom_category
+from f2m_ray.runtime.cluster import ensure_ray
 
 
 PHANTOM_DEFAULT_N = 2000
@@ -156,18 +158,11 @@ def read_phantoms(n: int, seed: int = 0, val_fraction: float = 0.1) -> ReadResul
     """Phantoms 0 .. n-1 of `seed`, rendered in parallel by Ray Data (one patient per phantom)."""
     import ray
 
-    from f2m_ray.data.phantom import phantom_category
-
-    from f2m_ray.data.phantom import DEFAULT_CATEGORIES
-    from f2m_ray.runtime.cluster import ensure_ray
-
     if n < 2:
         raise F2MError(f"need at least 2 phantoms, got {n}")
     ensure_ray()
 
     def render(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from f2m_ray.data.phantom import generate_phantoms
-
         ids = batch["id"]
         rows = list(generate_phantoms(int(ids[-1]) + 1, seed, DEFAULT_CATEGORIES, start=int(ids[0])))
         roi_ids = [f"phantom-{i:06d}" for i, _, _ in rows]

@@ -61,6 +61,10 @@ from f2m_ray.storage import filesystem, join
 from f2m_ray.evaluation.usefulness import Runner, run_in_process, run_on_ray, scarce_usefulness, usefulness
 from f2m_ray.evaluation.report_html import grids, histogram_svg, render_html
 from f2m_ray.evaluation.inputs import Progress, SyntheticArrays, check_sizes, gan_training_ids, read_synthetic, split_real
+from f2m_ray.evaluation.judge import collect_labeled, train_judge
+from f2m_ray.judge_model import JudgeConfig, JudgeTrainConfig, load_judge, predict
+from f2m_ray.data.readers import read_labeled
+from f2m_ray.runtime.cluster import ensure_ray
 
 
 REPORT_JSON = "report.json"
@@ -262,11 +266,6 @@ def evaluate(
     echo: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Evaluate a synthetic dataset against real data; writes REPORT_DIR/report.{html,json}; returns the report."""
-    from f2m_ray.evaluation.judge import collect_labeled
-    from f2m_ray.judge_model import load_judge
-    from f2m_ray.data.readers import read_labeled
-    from f2m_ray.runtime.cluster import ensure_ray
-
     started = time.perf_counter()
     check_config(config)
     fs, root = filesystem(out)
@@ -319,8 +318,6 @@ def evaluate_arrays(
 
     `gan_train_ids`: the roi ids the GAN trained on; None means the rows of split "train".
     """
-    from f2m_ray.judge_model import predict
-
     started = time.perf_counter()
     inputs = dict(inputs or {})
     device = device or default_device()
@@ -420,9 +417,6 @@ def _report(inputs, synthetic, categories, real_all, seen, heldout_all, heldout,
 
 def _the_judge(judge, real_all, config: EvaluateConfig, inputs: dict[str, Any], progress, echo, device):
     """(model, its report entry, JudgeConfig, JudgeTrainConfig): the given judge, or one trained on real_all's train split."""
-    from f2m_ray.evaluation.judge import train_judge
-    from f2m_ray.judge_model import JudgeConfig, JudgeTrainConfig
-
     if judge is not None:
         info = {"path": inputs.get("judge"), "trained_here": False, "judge_id": judge.judge_id, "data": judge.data,
                 "report": judge.report, "training_set": "recorded roi ids" if judge.train_ids is not None else "split rule"}

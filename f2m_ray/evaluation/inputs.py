@@ -12,6 +12,10 @@ from typing import Any
 import numpy as np
 
 from f2m_ray.errors import F2MError, first_line
+from f2m_ray.core.images import to_model_range
+from f2m_ray.schema import decode_png
+from f2m_ray.synthetic_files import read_manifest, read_table
+from f2m_ray.bank import load_feature_bank
 
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -32,10 +36,6 @@ class SyntheticArrays:
 
 def read_synthetic(path: str, progress: Progress | None = None) -> SyntheticArrays:
     """Decode a finished synthetic dataset (refused without its manifest) into arrays."""
-    from f2m_ray.core.images import to_model_range
-    from f2m_ray.schema import decode_png
-    from f2m_ray.synthetic_files import read_manifest, read_table
-
     manifest = read_manifest(path)
     try:
         table = read_table(path, columns=SYNTHETIC_COLUMNS)
@@ -84,8 +84,6 @@ def check_sizes(synthetic_shape: tuple[int, ...], real_shape: tuple[int, ...], j
 
 def gan_training_ids(manifest: dict[str, Any]) -> tuple[set[str] | None, str]:
     """The roi ids the GAN trained on, from the feature bank the manifest names: (ids or None, where from)."""
-    from f2m_ray.bank import load_feature_bank
-
     bank = (manifest.get("arguments") or {}).get("bank")
     if not bank:
         return None, "split rule (the manifest names no feature bank)"

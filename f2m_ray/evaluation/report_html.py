@@ -12,6 +12,8 @@ import numpy as np
 
 from f2m_ray.core import metrics
 from f2m_ray.evaluation.usefulness import USEFULNESS_LABELS
+from f2m_ray.core.images import to_uint8
+from f2m_ray.schema import png_bytes
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # an annotation only: evaluate imports this module
@@ -22,9 +24,6 @@ if TYPE_CHECKING:  # an annotation only: evaluate imports this module
 
 
 def _png_base64(tile: np.ndarray) -> str:
-    from f2m_ray.core.images import to_uint8
-    from f2m_ray.schema import png_bytes
-
     return base64.b64encode(png_bytes(to_uint8(tile))).decode()
 
 

@@ -14,13 +14,12 @@ from typing import Any, Callable
 from f2m_ray.runtime.cluster import ensure_ray
 from f2m_ray.runtime.console import quiet_ray_data
 from f2m_ray.runtime.env import worker_runtime_env
+from f2m_ray.storage import arrow_filesystem
 
 
 def _read_files(batch: dict[str, Any], columns: list[str] | None, transform: Callable | None):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from f2m_ray.storage import arrow_filesystem
 
     tables = []
     for url in batch["path"]:

@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from f2m_ray import __version__
 from f2m_ray.errors import F2MError
 from f2m_ray.bank import FeatureBank, load_feature_bank
-from f2m_ray.labels import Category, parse_category
-from f2m_ray.core.mixing import mix_rows, scheme
-from f2m_ray.core.images import to_uint8
+from f2m_ray.labels import Category
+from f2m_ray.core.mixing import mix_rows, plan_sample
+from f2m_ray.core.images import to_model_range, to_uint8
 from f2m_ray.core.inference import inference_decoder
 from f2m_ray.core.nearest import NearestImage
 from f2m_ray.judge_model import label_confidence, load_judge
-from f2m_ray.schema import SYNTHETIC_SCHEMA, image_column, png_bytes, synthetic_metadata, write_table
+from f2m_ray.schema import SYNTHETIC_SCHEMA, decode_png, image_column, png_bytes, synthetic_metadata, write_table
 from f2m_ray.storage import join
 from f2m_ray.runtime.actors import ActorPlan, prepare_torch
-from f2m_ray.synth.plan import ResolvedRun, Shard, absolute
+from f2m_ray.synth.plan import ResolvedRun, Shard
+from f2m_ray.checkpoint import load_generator
 
 
 ROW_GROUP_ROWS = 1000  # ~4 MB of PNGs per row group: readers can stream a file
@@ -37,39 +37,39 @@ class ShardSynthesizer:
     """Ray Data actor: loads the model and bank once; turns a shard into a Parquet file."""
 
     def __init__(self, spec: ActorSpec):
-        from f2m_ray.checkpoint import load_generator
-
         self.spec = spec
-        prepare_torch(spec.torch_threads, spec.device)
-        self.device = spec.device
-        generator, meta = load_generator(spec.checkpoint, self.device)
-        if meta["model_id"] != spec.model_id:
-            raise F2MError(f"the checkpoint {spec.checkpoint} changed during the run")
+        self.run = run = spec.run
+        self.config = c = run.config
+        prepare_torch(spec.plan.torch_threads, spec.plan.device)
+        self.device = spec.plan.device
+        generator, meta = load_generator(run.model, self.device)  # found on the driver: not searched for again
+        if meta["model_id"] != run.model_id:
+            raise F2MError(f"the checkpoint {run.checkpoint} changed during the run")
         self.decoder = inference_decoder(generator.decoder).to(self.device)  # the decoder alone, BatchNorm folded
-        self.bank = load_feature_bank(spec.bank, with_images=True)
-        if self.bank.bank_id != spec.bank_id:
-            raise F2MError(f"the feature bank {spec.bank} changed during the run")
+        self.bank = load_feature_bank(run.bank_path, with_images=True)
+        if self.bank.bank_id != run.bank_id:
+            raise F2MError(f"the feature bank {run.bank_path} changed during the run")
         self.judge = None
-        if spec.judge:
-            loaded = load_judge(spec.judge)
-            if loaded.judge_id != spec.judge_id:
-                raise F2MError(f"the judge {spec.judge} changed during the run")
+        if run.judge_path:
+            loaded = load_judge(run.judge_path)
+            if loaded.judge_id != run.judge_id:
+                raise F2MError(f"the judge {run.judge_path} changed during the run")
             self.judge = loaded.model.to(self.device).eval()
+        self.categories: dict[str, Category] = {p.category.name: p.category for p in run.categories}
         self.pools: dict[str, np.ndarray] = {}  # category -> bank rows of its seeds, roi_id order
         self.centroids: dict[str, np.ndarray | None] = {}  # category -> mean seed feature (variance-preserving)
-        variance_preserving = scheme(spec.mixing).variance_preserving
-        for name in spec.categories:
-            pool = self.pools[name] = self.bank.pool(parse_category(name), spec.seed_split)
-            self.centroids[name] = pool_centroid(self.bank.features, pool) if variance_preserving else None
+        for name, category in self.categories.items():
+            pool = self.pools[name] = self.bank.pool(category, c.seed_split)
+            self.centroids[name] = pool_centroid(self.bank.features, pool) if run.scheme.variance_preserving else None
         # nearest_seed_distance: to every real ROI of the seed split, of any category (a mass may
         # come closest to a patient's ROI of another category), as evaluate's memorization measures.
-        self.seed_pixels = seed_images(self.bank, self.bank.seed_rows(spec.seed_split))
+        self.seed_pixels = seed_images(self.bank, self.bank.seed_rows(c.seed_split))
         self.metadata_base = {
             "tool_version": __version__,
-            "model_id": spec.model_id,
-            "bank_id": spec.bank_id,
-            "model_config": spec.preset,
-            "run": spec.fingerprint,
+            "model_id": run.model_id,
+            "bank_id": run.bank_id,
+            "model_config": run.preset,
+            "run": run.fingerprint(),
         }
 
     def __call__(self, batch: dict[str, np.ndarray]):
@@ -78,7 +78,6 @@ class ShardSynthesizer:
 
     def synthesize_shard(self, category_name: str, start: int, stop: int, relative_path: str):
         """Yield progress records, then one record naming the written file."""
-        spec = self.spec
         columns: dict[str, list] = {k: [] for k in COLUMNS}
         reported = 0
         for begin in self._decode_range(category_name, start, stop, columns):
@@ -86,8 +85,8 @@ class ShardSynthesizer:
                 yield _record(category_name, start, stop, begin - start - reported)
                 reported = begin - start
         guard = guard_counts(columns)
-        table = self._table(parse_category(category_name), start, stop, columns, guard)
-        size = write_table(table, join(spec.out, relative_path), row_group_size=ROW_GROUP_ROWS)
+        table = self._table(self.categories[category_name], start, stop, columns, guard)
+        size = write_table(table, join(self.run.out_dir, relative_path), row_group_size=ROW_GROUP_ROWS)
         yield _record(category_name, start, stop, stop - start - reported, relative_path, size, guard)
 
     def shard_table(self, category_name: str, start: int, stop: int):
@@ -95,13 +94,13 @@ class ShardSynthesizer:
         columns: dict[str, list] = {k: [] for k in COLUMNS}
         for _ in self._decode_range(category_name, start, stop, columns):
             pass
-        return self._table(parse_category(category_name), start, stop, columns, guard_counts(columns))
+        return self._table(self.categories[category_name], start, stop, columns, guard_counts(columns))
 
     def _decode_range(self, category_name: str, start: int, stop: int, columns: dict[str, list]):
         """Decode samples [start, stop) into `columns`; yields the index reached after each decode batch."""
-        category = parse_category(category_name)
+        category = self.categories[category_name]
         pool = self.pools[category_name]
-        batch_size = self.spec.batch_size
+        batch_size = self.config.batch_size
         begin = start
         while begin < stop:
             end = min(stop, (begin // batch_size + 1) * batch_size)  # decode batches aligned on absolute indices
@@ -112,9 +111,9 @@ class ShardSynthesizer:
     def estimate_seconds(self, shard: Shard, rows: int) -> float:
         """Seconds this synthesizer would take for `rows` masses: one decode batch of `shard` (guards and
         their retries included) timed after a warm-up batch."""
-        category = parse_category(shard.category)
+        category = self.categories[shard.category]
         pool = self.pools[category.name]
-        end = min(shard.stop, (shard.start // self.spec.batch_size + 1) * self.spec.batch_size)
+        end = min(shard.stop, (shard.start // self.config.batch_size + 1) * self.config.batch_size)
         self._candidates(category, pool, np.arange(shard.start, end), 0)  # first-call allocations, kernel choices
         start = time.perf_counter()
         self._decode_batch(category, pool, shard.start, end, {k: [] for k in COLUMNS})
@@ -122,13 +121,12 @@ class ShardSynthesizer:
 
     def _decode_batch(self, category: Category, pool: np.ndarray, begin: int, end: int, columns: dict[str, list]) -> None:
         """Samples [begin, end): candidate 0 for each, then further sub-seeds for those a guard rejects."""
-        spec = self.spec
         n = end - begin
         best = self._candidates(category, pool, np.arange(begin, end), 0)
         shortfall = self._shortfall(best)  # (n,), 0 = every guard passed
         attempt = np.zeros(n, dtype=np.int32)
         tried = np.ones(n, dtype=np.int32)
-        for a in range(1, spec.max_attempts):
+        for a in range(1, self.run.attempts):
             pending = np.flatnonzero(shortfall > 0)
             if len(pending) == 0:
                 break
@@ -155,21 +153,18 @@ class ShardSynthesizer:
         """Plan, mix, decode and score candidate `attempt` of samples `indices` (at most one decode batch)."""
         import torch
 
-        from f2m_ray.core.mixing import plan_sample
-        from f2m_ray.core.images import to_model_range
-
-        spec = self.spec
+        c = self.config
         b = len(indices)
         plans = [
-            plan_sample(spec.seed, category.id, int(index), len(pool), spec.k, spec.step, spec.alpha, attempt)
+            plan_sample(c.seed, category.id, int(index), len(pool), c.k, c.step, c.alpha, attempt)
             for index in indices
         ]
         rows = np.stack([pool[p.seed_positions] for p in plans])  # (b, K) bank rows
         weights = np.stack([p.weights for p in plans])  # (b, K), each row on the grid, sum 1
         # Always a full decode batch (zero-padded): a sample's bytes must not depend on its batch-mates.
-        mixed = np.zeros((spec.batch_size, self.bank.feature_dim), dtype=np.float32)  # (B, D)
+        mixed = np.zeros((c.batch_size, self.bank.feature_dim), dtype=np.float32)  # (B, D)
         mixed[:b] = mix_rows(self.bank.features[rows], weights, self.centroids[category.name], len(pool))
-        bf16 = spec.precision == "bf16" or (spec.precision == "auto" and self.device == "cuda")
+        bf16 = c.precision == "bf16" or (c.precision == "auto" and self.device == "cuda")
         with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=bf16):
             images = self.decoder(torch.from_numpy(mixed).to(self.device))  # (B, 1, 64, 64)
         pixels = to_uint8(images.float().cpu().numpy()[:, 0])  # (B, 64, 64) uint8, as stored
@@ -188,20 +183,19 @@ class ShardSynthesizer:
 
     def _shortfall(self, candidate: dict[str, np.ndarray]) -> np.ndarray:
         """How far each candidate falls short of the guards, each in its own relative units; 0 = accepted."""
-        spec = self.spec
+        c = self.config
         gap = np.zeros(len(candidate["rows"]), dtype=np.float64)
-        if spec.min_label_confidence is not None:
-            p = float(spec.min_label_confidence)
+        if c.min_label_confidence is not None:
+            p = float(c.min_label_confidence)
             gap += np.maximum(0.0, p - candidate["confidence"].astype(np.float64)) / p
-        if spec.min_seed_distance is not None:
-            d = float(spec.min_seed_distance)
+        if c.min_seed_distance is not None:
+            d = float(c.min_seed_distance)
             gap += np.maximum(0.0, d - candidate["distance"].astype(np.float64)) / d
         return gap
 
     def _table(self, category: Category, start: int, stop: int, columns: dict[str, list], guard: dict[str, int]):
         import pyarrow as pa
 
-        spec = self.spec
         n = stop - start
         ids = [f"{category.name}-{i:09d}" for i in range(start, stop)]
         distance = np.asarray(columns["distance"], dtype=np.float32)
@@ -224,9 +218,9 @@ class ShardSynthesizer:
                 pa.array(np.full(n, category.shape_id, dtype=np.int64)),
                 pa.array(columns["seed_ids"], pa.list_(pa.string())),
                 pa.array(columns["weights"], pa.list_(pa.float64())),
-                pa.array([spec.model_id] * n, pa.string()),
-                pa.array([spec.bank_id] * n, pa.string()),
-                pa.array(np.full(n, spec.seed, dtype=np.int64)),
+                pa.array([self.run.model_id] * n, pa.string()),
+                pa.array([self.run.bank_id] * n, pa.string()),
+                pa.array(np.full(n, self.config.seed, dtype=np.int64)),
                 pa.array(confidence, pa.float32(), mask=np.isnan(confidence)),
                 pa.array(distance, pa.float32()),
                 pa.array(np.asarray(columns["attempt"], dtype=np.int32)),
@@ -252,8 +246,6 @@ def seed_images(bank: FeatureBank, rows: np.ndarray) -> NearestImage:
     so a guard's verdict is the same on any machine, thread count or batch. The seed split is
     never empty (`resolve` refuses that).
     """
-    from f2m_ray.schema import decode_png
-
     return NearestImage(np.stack([decode_png(bank.images[r]) for r in rows]))
 
 
@@ -291,58 +283,12 @@ def _record(category: str, start: int, stop: int, rows: int, path: str = "", siz
 
 @dataclass(frozen=True)
 class ActorSpec:
-    """Everything a ShardSynthesizer needs: plain values and paths (it travels to Ray workers)."""
+    """What a ShardSynthesizer needs: the run resolved on the driver and its actor plan (both frozen and
+    picklable: they travel to Ray workers; the model, bank and categories are not looked up again)."""
 
-    checkpoint: str
-    bank: str
-    model_id: str
-    bank_id: str
-    preset: dict[str, Any]
-    fingerprint: dict[str, Any]  # written into every file's metadata
-    categories: tuple[str, ...]
-    out: str  # absolute: actors may run in another working directory
-    seed: int
-    mixing: str
-    k: int
-    step: float
-    alpha: float
-    batch_size: int
-    seed_split: str
-    precision: str  # "auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"
-    torch_threads: int
-    device: str
-    judge: str | None
-    judge_id: str | None
-    min_label_confidence: float | None
-    min_seed_distance: float | None
-    max_attempts: int
+    run: ResolvedRun
+    plan: ActorPlan
 
 
 def actor_spec(run: ResolvedRun, actors: ActorPlan) -> ActorSpec:
-    """The ActorSpec of a resolved run on an actor plan."""
-    c = run.config
-    return ActorSpec(
-        checkpoint=run.checkpoint,
-        bank=run.bank_path,
-        model_id=run.model_id,
-        bank_id=run.bank_id,
-        preset=run.preset,
-        fingerprint=run.fingerprint(),
-        categories=tuple(p.category.name for p in run.categories),
-        out=absolute(c.out),
-        seed=c.seed,
-        mixing=c.mixing,
-        k=c.k,
-        step=c.step,
-        alpha=c.alpha,
-        batch_size=c.batch_size,
-        seed_split=c.seed_split,
-        precision=c.precision,
-        torch_threads=actors.torch_threads,
-        device=actors.device,
-        judge=run.judge_path,
-        judge_id=run.judge_id,
-        min_label_confidence=c.min_label_confidence,
-        min_seed_distance=c.min_seed_distance,
-        max_attempts=c.max_attempts if run.guarded else 1,
-    )
+    return ActorSpec(run, actors)

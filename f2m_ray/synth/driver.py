@@ -41,6 +41,7 @@ from f2m_ray.runtime.errors import worker_error
 from f2m_ray.synth.actor import GUARD_KEYS, ShardSynthesizer, actor_spec
 from f2m_ray.synth.output import verify_finished, guard_summary, prepare_output, write_manifest
 from f2m_ray.synth.plan import ResolvedRun, Shard, SynthesisConfig, SynthesisSummary, resolve
+from f2m_ray.runtime.cluster import ensure_ray
 
 
 REPORT_SECONDS = 5.0  # the driver prints at most one progress line this often
@@ -110,8 +111,6 @@ RAY_DATA_SETTINGS = {
 def _run_on_ray(run: ResolvedRun, todo: list[Shard], progress: _Progress) -> None:
     """The shards through one Ray Data operator: an actor pool of ShardSynthesizers."""
     import ray
-
-    from f2m_ray.runtime.cluster import ensure_ray
 
     ensure_ray()
     quiet_ray_data()
@@ -230,7 +229,6 @@ def synthesize(
     if use_ray is None and run.config.executor != "auto":
         use_ray = run.config.executor == "ray"
     if use_ray is not False and config.workers is not None:  # before --overwrite touches anything
-        from f2m_ray.runtime.cluster import ensure_ray
 
         ensure_ray()
         check_workers(config.workers)

@@ -19,6 +19,10 @@ import numpy as np
 from f2m_ray.errors import F2MError
 from f2m_ray.core.images import to_uint8
 from f2m_ray.schema import decode_png
+from f2m_ray.checkpoint import find_checkpoint, load_generator
+from f2m_ray.bank import default_bank_path, load_feature_bank
+from f2m_ray.core.mixing import barycentric_grid, line_weights, mix
+from f2m_ray.storage import filesystem
 
 TILE = 64  # pixels per image
 GAP = 4  # between decoded images
@@ -38,10 +42,6 @@ class Interpolation:
 def interpolate(model: str, seeds: list[str], steps: int = 8, bank: str | None = None) -> Interpolation:
     """Decode the line (2 seeds) or barycentric triangle (3 seeds) between bank features."""
     import torch
-
-    from f2m_ray.checkpoint import find_checkpoint, load_generator
-    from f2m_ray.bank import default_bank_path, load_feature_bank
-    from f2m_ray.core.mixing import barycentric_grid, line_weights, mix
 
     seeds = [s.strip() for s in seeds if s.strip()]
     if len(seeds) not in (2, 3):
@@ -124,8 +124,6 @@ def _caption(sheet, seed_ids: tuple[str, ...]) -> None:
 
 def write_interpolation(model: str, seeds: list[str], out: str, steps: int = 8, bank: str | None = None) -> Interpolation:
     """Compute the figure for `seeds` and save it as a PNG (local or s3://)."""
-    from f2m_ray.storage import filesystem
-
     if not str(out).lower().endswith(".png"):
         raise F2MError(f"--out must name a .png file, got {out}")
     result = interpolate(model, seeds, steps, bank)

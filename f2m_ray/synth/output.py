@@ -15,8 +15,8 @@ from f2m_ray import __version__
 from f2m_ray.croissant import CROISSANT_NAME, croissant
 from f2m_ray.dataset_card import CARD_NAME, card_text, is_our_card
 from f2m_ray.errors import F2MError, first_line
-from f2m_ray.schema import DATA_DIR, HF_FEATURES, MANIFEST_NAME, SCHEMA_VERSION
-from f2m_ray.storage import filesystem, is_remote, join
+from f2m_ray.schema import DATA_DIR, HF_FEATURES, MANIFEST_NAME, METADATA_KEY, SCHEMA_VERSION, read_json_metadata
+from f2m_ray.storage import arrow_filesystem, filesystem, is_remote, join
 from f2m_ray.synth.actor import GUARD_KEYS
 from f2m_ray.synth.plan import MANIFEST_FORMAT, RUN_FORMAT, RUN_NAME, ResolvedRun
 
@@ -161,9 +161,6 @@ def _arguments(run: ResolvedRun) -> dict[str, Any]:
 def verify_finished(run: ResolvedRun, records: list[dict[str, Any]]) -> None:
     """A file kept by --resume must hold exactly its range, from this run's arguments."""
     import pyarrow.parquet as pq
-
-    from f2m_ray.schema import METADATA_KEY, read_json_metadata
-    from f2m_ray.storage import arrow_filesystem
 
     wanted = run.fingerprint()
     for record in records:

@@ -16,11 +16,14 @@ from typing import Any
 from f2m_ray import __version__
 from f2m_ray.errors import F2MError
 from f2m_ray.bank import SEED_SPLITS, FeatureBank, default_bank_path, load_feature_bank
-from f2m_ray.labels import Category, UnknownLabelError, parse_category
-from f2m_ray.core.mixing import DEFAULT_SCHEME, scheme
-from f2m_ray.pretrained import DEFAULT_OUT
+from f2m_ray.labels import Category, UnknownLabelError, all_categories, parse_category
+from f2m_ray.core.mixing import DEFAULT_SCHEME, Scheme, grid_units, scheme
+from f2m_ray.pretrained import DEFAULT_OUT, named_model
 from f2m_ray.schema import DATA_DIR, SCHEMA_VERSION
 from f2m_ray.storage import is_remote, probe_storage
+from f2m_ray.checkpoint import ResolvedModel, load_generator, resolve_model
+from f2m_ray.model_choice import default_model
+from f2m_ray.judge_model import load_judge
 
 
 RUN_NAME = "_run.json"  # the run's arguments, written first (resume checks them)
@@ -89,7 +92,9 @@ class ResolvedRun:
     """A validated run: paths, ids, categories and shards."""
 
     config: SynthesisConfig
-    checkpoint: str
+    model: ResolvedModel  # found and checked once, on the driver
+    scheme: Scheme
+    out_dir: str  # config.out, absolute (resolved on the driver: actors run in other folders)
     bank_path: str
     model_id: str
     bank_id: str
@@ -101,6 +106,15 @@ class ResolvedRun:
     judge_id: str | None = None
     model_source: str = "named by --model"  # how the model was chosen (printed with it)
     provenance: dict[str, Any] | None = None  # what data the model and the bank's seeds came from (card, Croissant)
+
+    @property
+    def checkpoint(self) -> str:
+        return self.model.path
+
+    @property
+    def attempts(self) -> int:
+        """Candidates a sample may try: max_attempts under a guard, else 1."""
+        return self.config.max_attempts if self.guarded else 1
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything the output's bytes depend on: resume refuses a run that differs."""
@@ -225,9 +239,14 @@ def _check_numbers(c: SynthesisConfig) -> None:
             raise F2MError("--min-label-confidence needs a judge to score the masses: add --judge JUDGE")
     if c.min_seed_distance is not None and not c.min_seed_distance > 0:
         raise F2MError(f"--min-seed-distance must be > 0 (RMS pixel distance, images in [-1, 1]), got {c.min_seed_distance}")
-    from f2m_ray.core.mixing import grid_units
 
     grid_units(c.step)
+
+
+def _found(model: str) -> ResolvedModel:
+    """The checkpoint `model` names, found once; its path made absolute (actors run in other folders)."""
+    found = resolve_model(model)
+    return ResolvedModel(absolute(found.path), found.meta)
 
 
 def absolute(path: str) -> str:
@@ -241,8 +260,6 @@ def _categories(names: tuple[str, ...], bank: FeatureBank, seed_split: str, note
     chosen: list[Category] = []
     for name in names:
         if str(name).strip().lower() == "all":
-            from f2m_ray.labels import all_categories
-
             found = [c for c in all_categories() if len(bank.pool(c, seed_split)) >= 2]
             single = [c.name for c in all_categories() if len(bank.pool(c, seed_split)) == 1]
             if single:
@@ -266,10 +283,6 @@ def shard_name(category: str, start: int, stop: int, n: int) -> str:
 
 def resolve(config: SynthesisConfig) -> ResolvedRun:
     """Validate a run without starting Ray: paths, model, bank, categories, shards."""
-    from f2m_ray.checkpoint import find_checkpoint, load_generator
-    from f2m_ray.model_choice import default_model
-    from f2m_ray.pretrained import named_model
-
     c = config = with_scheme_defaults(config)
     _check_numbers(c)
     model, model_source = (named_model(c.model), "named by --model") if c.model else (None, "named by the bank")
@@ -279,25 +292,28 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
     if not model and not c.bank:
         choice = default_model(c.storage)  # the newest finished run, else the shipped model
         model, model_source = choice.checkpoint, choice.why
-    checkpoint = absolute(find_checkpoint(model)) if model else None
-    # The model first (its weights too: a corrupt model.pt is one line here, not in an actor), then its bank.
-    meta = load_generator(checkpoint)[1] if checkpoint else None
-    bank_path = absolute(c.bank or default_bank_path(checkpoint))
+    # The model is found once here (the actors get it found), its weights loaded once (a corrupt
+    # model.pt is one line here, not in an actor), then its bank.
+    resolved = _found(model) if model else None
+    if resolved is not None:
+        load_generator(resolved)
+    bank_path = absolute(c.bank or default_bank_path(resolved.path))
     bank = load_feature_bank(bank_path)
-    if checkpoint is None:
-        checkpoint = bank.metadata.get("checkpoint")
-        if not checkpoint:
+    if resolved is None:
+        named = bank.metadata.get("checkpoint")
+        if not named:
             raise F2MError(f"the bank {bank_path} does not name its checkpoint; pass --model CKPT")
-        checkpoint = named_model(checkpoint)
-        probe_storage(checkpoint, "model")
-        checkpoint = absolute(find_checkpoint(checkpoint))
-        meta = load_generator(checkpoint)[1]
+        named = named_model(named)
+        probe_storage(named, "model")
+        resolved = _found(named)
+        load_generator(resolved)
+    meta = resolved.meta
     if meta.get("vocabulary") != bank.vocabulary:
-        raise F2MError(f"the model {checkpoint} and the bank {bank_path} use different BI-RADS vocabularies")
+        raise F2MError(f"the model {resolved.path} and the bank {bank_path} use different BI-RADS vocabularies")
     if meta["model_id"] != bank.model_id:
         raise F2MError(
-            f"the bank {bank_path} was encoded by model {bank.model_id}, not by {checkpoint} "
-            f"(model {meta['model_id']}); run `f2m-ray encode --model {checkpoint}`"
+            f"the bank {bank_path} was encoded by model {bank.model_id}, not by {resolved.path} "
+            f"(model {meta['model_id']}); run `f2m-ray encode --model {resolved.path}`"
         )
     feature_dim = int(meta["preset"]["model"]["feature_dim"])
     if bank.feature_dim != feature_dim:
@@ -322,7 +338,9 @@ def resolve(config: SynthesisConfig) -> ResolvedRun:
     )
     return ResolvedRun(
         config=c,
-        checkpoint=checkpoint,
+        model=resolved,
+        scheme=scheme(c.mixing),
+        out_dir=absolute(c.out) if c.out else "",
         bank_path=bank_path,
         model_id=str(meta["model_id"]),
         bank_id=bank.bank_id,
@@ -351,8 +369,6 @@ def _provenance(meta: dict[str, Any], bank) -> dict[str, Any]:
 
 def _judge(path: str, model_size: int) -> tuple[str, str]:
     """(absolute path, judge id) of a judge whose weights load and that reads the model's image size."""
-    from f2m_ray.judge_model import load_judge
-
     judge_path = absolute(path)
     judge = load_judge(judge_path)  # format, vocabulary and weights checked: a broken judge is one line here
     judge_size = int(judge.config.image_size)

@@ -20,6 +20,7 @@ from f2m_ray.runtime.env import worker_runtime_env
 from f2m_ray.schema import decoded_images
 from f2m_ray.synth.actor import ShardSynthesizer, actor_spec
 from f2m_ray.synth.plan import SynthesisConfig, resolve
+from f2m_ray.runtime.cluster import ensure_ray
 
 STREAM_BLOCK_ROWS = 512  # samples per block: a first batch soon, and few blocks per epoch
 
@@ -35,8 +36,6 @@ class _StreamSynthesizer(ShardSynthesizer):
 def stream_dataset(config: SynthesisConfig, decode_images: bool = False, columns: list[str] | None = None):
     """The samples `config` names as a lazy ``ray.data.Dataset`` (nothing is decoded until it is read)."""
     import ray
-
-    from f2m_ray.runtime.cluster import ensure_ray  # starts or joins Ray: only when a stream is made
 
     run = resolve(replace(config, out="", rows_per_file=min(config.rows_per_file, STREAM_BLOCK_ROWS)))
     ensure_ray()

@@ -14,6 +14,7 @@ from f2m_ray.errors import F2MError
 from f2m_ray.labels import MARGINS, SHAPES, Category
 from f2m_ray.runtime.errors import ray_error_line
 from f2m_ray.train.options import RunOptions
+from f2m_ray.data.readers import read_labeled
 
 
 SAMPLES_PER_CATEGORY = 4  # real ROIs per category row of the sample grid
@@ -34,8 +35,6 @@ class PreparedData:
 
 def prepare_data(preset: Preset, options: RunOptions) -> PreparedData:
     """Read the labeled ROIs once, split by the `split` column, refuse unusable data (one line)."""
-
-    from f2m_ray.data.readers import read_labeled
 
     cfg = preset.train
     read = read_labeled(options.data, options.data_format, cfg.val_fraction, cfg.seed)

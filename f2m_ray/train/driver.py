@@ -50,6 +50,8 @@ from f2m_ray.train.report import LOSS_CURVE_FILE, format_epoch_line, format_rest
 from f2m_ray.train.data import prepare_data
 from f2m_ray.train.options import RunOptions, check_train_config, fresh_listing, check_storage, existing_checkpoint
 from f2m_ray.train.worker import train_worker, preset_mismatch_message, same_model
+from f2m_ray.runtime.cluster import ensure_ray
+from f2m_ray.encode import build_feature_bank
 
 
 @dataclass
@@ -127,8 +129,6 @@ def train(
     Checks that need no cluster (options, storage, the stored preset of a resumed run) come
     first; `start_ray` (default ``ensure_ray``) is called only after they pass.
     """
-    from f2m_ray.runtime.cluster import ensure_ray
-
     cfg, run_dir = preset.train, options.run_dir
     previous = _check_before_ray(preset, options)
     start_epoch = int(previous["epoch"]) if previous else 0
@@ -272,7 +272,6 @@ def _maybe_feature_bank(checkpoint: str, preset: Preset, options: RunOptions, ec
     """Encode the labeled ROIs with the final checkpoint so that `synthesize --model RUN` needs nothing else."""
     if not options.feature_bank:
         return None
-    from f2m_ray.encode import build_feature_bank  # imports Ray Data's actor machinery: only here
 
     out = build_feature_bank(checkpoint, options.data, fmt=options.data_format, seed=preset.train.seed)
     echo(f"feature bank: {out}")
