@@ -7,25 +7,13 @@ import time
 import click
 
 from f2m_ray.errors import F2MError
-from f2m_ray.labels import UnknownLabelError, all_categories, parse_category
+from f2m_ray.labels import parse_categories
 from f2m_ray_cli.main import cli
 
 
 def _categories(names: tuple[str, ...]):
     """--category values -> Categories (None = the library default), duplicates dropped."""
-    if not names:
-        return None
-    chosen = []
-    for name in names:
-        if name.strip().lower() == "all":
-            found = all_categories()
-        else:
-            try:
-                found = [parse_category(name)]
-            except UnknownLabelError as err:
-                raise F2MError(f"{err}; or 'all' for every category") from None
-        chosen.extend(c for c in found if c not in chosen)
-    return chosen
+    return parse_categories(names) if names else None
 
 
 @cli.command("phantoms")

@@ -127,6 +127,26 @@ def make_category(margin: str, shape: str) -> Category:
     return Category(canonical_margin(margin), canonical_shape(shape))
 
 
+ALL = "all"  # --category all: every category (that the context offers)
+
+
+def parse_categories(names, every=None, where: str = "") -> list[Category]:
+    """--category values -> Categories in order, duplicates dropped: each an accepted spelling of one
+    category, or "all" for every category `every()` returns (default: the whole vocabulary). An unknown
+    name is an F2MError that offers "all" (`where` says what "all" covers)."""
+    chosen: list[Category] = []
+    for name in names:
+        if str(name).strip().lower() == ALL:
+            found = every() if every else all_categories()
+        else:
+            try:
+                found = [parse_category(name)]
+            except UnknownLabelError as err:
+                raise F2MError(f"{err}; or '{ALL}' for every category{where}") from None
+        chosen.extend(c for c in found if c not in chosen)
+    return chosen
+
+
 def parse_category(name: str) -> Category:
     """Parse ``MARGIN-SHAPE`` (any accepted spelling) into a Category.
 

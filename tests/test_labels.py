@@ -50,3 +50,15 @@ def test_check_vocabulary_refuses_another():
     other = {"margins": ["a", "b"], "shapes": list(labels.SHAPES)}
     with pytest.raises(F2MError, match="another BI-RADS vocabulary"):
         labels.check_vocabulary(other, "checkpoint X")
+
+
+def test_category_lists_take_any_spelling_and_all_once_each():
+    from f2m_ray.labels import all_categories, parse_categories
+
+    chosen = parse_categories(["SPICULATE-irregular", "all", "spiculated-irregular"])
+    assert chosen[0].name == "spiculated-irregular" and len(chosen) == len(set(chosen)) == len(all_categories()) == 25
+    assert set(chosen) == set(all_categories())
+    few = parse_categories(["all"], every=lambda: all_categories()[:2])
+    assert [c.name for c in few] == [c.name for c in all_categories()[:2]]
+    with pytest.raises(F2MError, match="unknown category 'spiky'.*; or 'all' for every category in the bank$"):
+        parse_categories(["spiky"], where=" in the bank")

@@ -16,7 +16,7 @@ from typing import Any
 from f2m_ray import __version__
 from f2m_ray.errors import F2MError
 from f2m_ray.bank import SEED_SPLITS, FeatureBank, default_bank_path, load_feature_bank
-from f2m_ray.labels import Category, UnknownLabelError, all_categories, parse_category
+from f2m_ray.labels import Category, all_categories, parse_categories
 from f2m_ray.core.mixing import DEFAULT_SCHEME, Scheme, grid_units, scheme
 from f2m_ray.pretrained import DEFAULT_OUT, named_model
 from f2m_ray.schema import DATA_DIR, SCHEMA_VERSION
@@ -257,22 +257,16 @@ def absolute(path: str) -> str:
 
 
 def _categories(names: tuple[str, ...], bank: FeatureBank, seed_split: str, notes: list[str]) -> list[Category]:
-    chosen: list[Category] = []
-    for name in names:
-        if str(name).strip().lower() == "all":
-            found = [c for c in all_categories() if len(bank.pool(c, seed_split)) >= 2]
-            single = [c.name for c in all_categories() if len(bank.pool(c, seed_split)) == 1]
-            if single:
-                notes.append(f"'all' skips {', '.join(single)}: a single seed cannot be mixed")
-            if not found:
-                raise F2MError(f"the bank {bank.path} has no category with 2 or more seeds")
-        else:
-            try:
-                found = [parse_category(name)]
-            except UnknownLabelError as err:
-                raise F2MError(f"{err}; or 'all' for every category in the bank") from None
-        chosen.extend(c for c in found if c not in chosen)
-    return chosen
+    def mixable() -> list[Category]:  # "all": the bank's categories with 2 or more seeds
+        found = [c for c in all_categories() if len(bank.pool(c, seed_split)) >= 2]
+        single = [c.name for c in all_categories() if len(bank.pool(c, seed_split)) == 1]
+        if single:
+            notes.append(f"'all' skips {', '.join(single)}: a single seed cannot be mixed")
+        if not found:
+            raise F2MError(f"the bank {bank.path} has no category with 2 or more seeds")
+        return found
+
+    return parse_categories(names, mixable, " in the bank")
 
 
 def shard_name(category: str, start: int, stop: int, n: int) -> str:
