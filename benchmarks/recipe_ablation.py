@@ -44,10 +44,19 @@ LEVERS = {
     "gradient-l1": ({}, {"lambda_gradient": 100.0}, {}),
     "ema": ({}, {}, {"ema_kimg": 1.0}),
 }
+# Levers tried on top of `small` (not in it): a decoder twice as wide at 32x32 and 64x64, a higher learning
+# rate, no adversarial term at all (G trained by L1 and gradient L1 beside label-trained Ds)
+BEYOND = {
+    "wide-top": ({"decoder_channels": (128, 128, 64, 64, 32, 16, 1)}, {}, {}),
+    "lr-5e-4": ({}, {}, {"lr": 5e-4}),
+    "no-adversarial": ({}, {"lambda_adversarial": 0.0}, {}),
+}
+LEVERS.update(BEYOND)
 VARIANTS = {
     "template-recipe": [],  # `small` as it was: G's label term 3, adversarial 1, transposed convs, no EMA
-    **{f"+{name}": [name] for name in LEVERS},
-    "small (all)": list(LEVERS),
+    **{f"+{name}": [name] for name in LEVERS if name not in BEYOND},
+    "small (all)": [name for name in LEVERS if name not in BEYOND],
+    **{f"small +{name}": [*[n for n in LEVERS if n not in BEYOND], name] for name in BEYOND},
 }
 AUTOENCODER = "autoencoder"  # the same G trained on L1 alone (no D): what the networks can draw
 
@@ -111,7 +120,8 @@ def train_and_score(preset: Preset, rows, evalsets, steps: int, autoencoder: boo
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--variants", default=",".join([*VARIANTS, AUTOENCODER]))
+    parser.add_argument("--variants", default=",".join([*[v for v in VARIANTS if not v.startswith("small +")], AUTOENCODER]),
+                        help="comma-separated; also 'small +wide-top', 'small +lr-5e-4', 'small +no-adversarial'")
     parser.add_argument("--per-category", type=int, default=32, help="held-out phantoms per category")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
